@@ -1,0 +1,43 @@
+# offload-operator: the index of chores. `make test` is what CI runs (through .ci/run).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+E2E_BIN := e2e/bin
+
+.PHONY: help test fmt fmt-check lint unit e2e build control-plane cluster-up cluster-down
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+test: fmt-check lint unit e2e ## everything CI checks: format, clippy, unit tests, end-to-end tests
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+fmt-check: ## fail when the code is not formatted
+	$(CARGO) fmt --all -- --check
+
+lint: ## clippy on every target, warnings are errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: ## unit tests (no cluster needed)
+	$(CARGO) test --workspace --lib --bins
+
+build: ## build the operator binary
+	$(CARGO) build -p offload-operator
+
+control-plane: ## build (once) the Kubernetes control-plane binaries into the cache folder
+	$(E2E_BIN)/build-control-plane
+
+# One control plane shared by every e2e test binary, stopped however the run ends.
+e2e: control-plane build ## end-to-end tests against a real control plane started for the run
+	@dir=$$(mktemp -d /tmp/offload-e2e-make.XXXXXX); \
+	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
+	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
+	OFFLOAD_E2E_CLUSTER="$$dir" $(CARGO) test -p offload-e2e --tests -- $(E2E_ARGS)
+
+cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
+	@$(E2E_BIN)/cluster-up
+
+cluster-down: ## stop the control plane started by cluster-up and remove its state
+	@$(E2E_BIN)/cluster-down

@@ -1,0 +1,173 @@
+//! Starting or reusing the control plane.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use anyhow::{Context, anyhow, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Environment variable naming the state folder of an already running control plane to reuse.
+pub const CLUSTER_ENV: &str = "OFFLOAD_E2E_CLUSTER";
+
+/// The control-plane components, in start order; their logs are `<state>/<name>.log`.
+pub const COMPONENTS: [&str; 4] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+
+/// A running control plane, described by the `env` file `cluster-up` writes into its state folder.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The state folder (PKI, data, logs, PIDs, kubeconfigs).
+    pub dir: PathBuf,
+    /// Kubeconfig of the `system:masters` admin identity.
+    pub admin_kubeconfig: PathBuf,
+    /// Kubeconfig of the operator's identity (user `offload-operator`, no groups, no rights until
+    /// RBAC grants them).
+    pub operator_kubeconfig: PathBuf,
+    /// Folder holding the control-plane binaries, kubectl included.
+    pub bin: PathBuf,
+    /// `https://127.0.0.1:<port>` of the API server.
+    pub api_url: String,
+}
+
+static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+impl Cluster {
+    /// The control plane for this test binary: reused from `OFFLOAD_E2E_CLUSTER`, or started on
+    /// first use (it then stops when the test binary exits).
+    pub fn shared() -> anyhow::Result<&'static Cluster> {
+        SHARED
+            .get_or_init(|| Self::reuse_or_start().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow!("control plane unavailable: {e}"))
+    }
+
+    fn reuse_or_start() -> anyhow::Result<Cluster> {
+        match std::env::var_os(CLUSTER_ENV) {
+            Some(dir) => Self::from_dir(Path::new(&dir)),
+            None => Self::start(),
+        }
+    }
+
+    fn start() -> anyhow::Result<Cluster> {
+        let dir = std::env::temp_dir().join(format!("offload-e2e-{}", std::process::id()));
+        let script = repo_root().join("e2e/bin/cluster-up");
+        eprintln!("e2e: starting a control plane in {}", dir.display());
+        let out = Command::new(&script)
+            .arg("--owner-pid")
+            .arg(std::process::id().to_string())
+            .arg(&dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}); see the messages above",
+                script.display(),
+                out.status
+            );
+        }
+        Self::from_dir(&dir)
+    }
+
+    /// Reads `<dir>/env` written by `cluster-up`.
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Cluster> {
+        let env_file = dir.join("env");
+        let text = std::fs::read_to_string(&env_file).with_context(|| {
+            format!(
+                "reading {} (is a control plane running there?)",
+                env_file.display()
+            )
+        })?;
+        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| {
+            vars.get(k)
+                .map(|v| v.to_string())
+                .ok_or_else(|| anyhow!("{} has no {k}", env_file.display()))
+        };
+        Ok(Cluster {
+            dir: dir.to_path_buf(),
+            admin_kubeconfig: get("KUBECONFIG")?.into(),
+            operator_kubeconfig: get("OPERATOR_KUBECONFIG")?.into(),
+            bin: get("BIN")?.into(),
+            api_url: get("API_URL")?,
+        })
+    }
+
+    /// A client with the admin identity.
+    pub async fn admin_client(&self) -> anyhow::Result<kube::Client> {
+        client_from(&self.admin_kubeconfig).await
+    }
+
+    /// A client with the operator's (non-admin) identity.
+    pub async fn operator_client(&self) -> anyhow::Result<kube::Client> {
+        client_from(&self.operator_kubeconfig).await
+    }
+
+    /// `kubectl` of the control plane's version, pointed at the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kubectl"));
+        cmd.env("KUBECONFIG", &self.admin_kubeconfig);
+        cmd
+    }
+
+    /// The last `lines` lines of every component's log, for a failing test's output.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in COMPONENTS {
+            let path = self.dir.join(format!("{name}.log"));
+            out.push_str(&format!("----- {} (last {lines} lines) -----\n", path.display()));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let all: Vec<&str> = text.lines().collect();
+                    for line in &all[all.len().saturating_sub(lines)..] {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+                Err(e) => out.push_str(&format!("(unreadable: {e})\n")),
+            }
+        }
+        out
+    }
+}
+
+async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The workspace root (this crate lives in `<root>/e2e`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Path of a workspace binary (e.g. `offload-operator`), built next to the test binary.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // <target>/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+    let path = profile_dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run `cargo build -p offload-operator` first (make e2e does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

@@ -1,0 +1,17 @@
+//! offload-operator: offloads Kubernetes pods to remote HPC, HTC and cloud sites through the
+//! interLink REST API.
+//!
+//! The crate is split by job (see `docs/architecture.md`): the binary in `main.rs` only parses the
+//! command line and wires modules together.
+
+pub mod kubeclient;
+pub mod telemetry;
+
+/// Installs the one rustls crypto provider of the process (aws-lc-rs).
+///
+/// kube and any HTTPS client share rustls; with a single provider feature in the graph rustls would
+/// pick it on its own, but installing it explicitly keeps that true if a dependency ever enables a
+/// second one. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,73 @@
+//! The `offload-operator` command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, api::ListParams};
+use offload_operator::telemetry::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "offload-operator", version, about)]
+struct Cli {
+    /// Kubeconfig file; default: in-cluster configuration, then $KUBECONFIG, then ~/.kube/config.
+    #[arg(long, global = true, env = "OFFLOAD_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OFFLOAD_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter, in RUST_LOG syntax.
+    #[arg(long, global = true, default_value = "info", env = "RUST_LOG")]
+    log_filter: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect to the cluster with the operator's identity and report what it can reach.
+    Check,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = telemetry::init(cli.log_format, &cli.log_filter) {
+        eprintln!("offload-operator: cannot set up logging: {err}");
+        return ExitCode::FAILURE;
+    }
+    match cli.command {
+        Command::Check => check(cli.kubeconfig).await,
+    }
+}
+
+/// Prints the API server's version and whether the identity may list Nodes (the operator needs to).
+async fn check(kubeconfig: Option<PathBuf>) -> ExitCode {
+    let client = match offload_operator::kubeclient::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("offload-operator: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let version = match client.apiserver_version().await {
+        Ok(v) => v,
+        Err(err) => {
+            eprintln!("offload-operator: cannot reach the API server: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("api server: {}", version.git_version);
+    match Api::<Node>::all(client)
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => println!("list nodes: allowed"),
+        Err(kube::Error::Api(status)) if status.code == 403 => println!("list nodes: forbidden"),
+        Err(err) => {
+            eprintln!("offload-operator: listing nodes failed: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
