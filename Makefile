@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_BIN := e2e/bin
 
-.PHONY: help test fmt fmt-check lint unit e2e build control-plane cluster-up cluster-down
+.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane cluster-up cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ unit: ## unit tests (no cluster needed)
 
 build: ## build the operator binary
 	$(CARGO) build -p offload-operator
+
+crds: build ## regenerate crds/ from the Rust types (a unit test fails when they are stale)
+	$${CARGO_TARGET_DIR:-target}/debug/offload-operator crds --out-dir crds
+	$${CARGO_TARGET_DIR:-target}/debug/offload-operator crds --reference > docs/crds.md
 
 control-plane: ## build (once) the Kubernetes control-plane binaries into the cache folder
 	$(E2E_BIN)/build-control-plane

@@ -4,6 +4,7 @@
 //! The crate is split by job (see `docs/architecture.md`): the binary in `main.rs` only parses the
 //! command line and wires modules together.
 
+pub mod crd;
 pub mod kubeclient;
 pub mod telemetry;
 

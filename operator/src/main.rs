@@ -27,6 +27,16 @@ struct Cli {
 enum Command {
     /// Connect to the cluster with the operator's identity and report what it can reach.
     Check,
+    /// Print the CustomResourceDefinitions as YAML (`offload-operator crds | kubectl apply -f -`),
+    /// or write one file per CRD into a folder.
+    Crds {
+        /// Write `<group>_<plural>.yaml` files into this folder instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Print the field reference (docs/crds.md) as Markdown instead.
+        #[arg(long, conflicts_with = "out_dir")]
+        reference: bool,
+    },
 }
 
 #[tokio::main]
@@ -38,7 +48,35 @@ async fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check => check(cli.kubeconfig).await,
+        Command::Crds { reference: true, .. } => {
+            print!("{}", offload_operator::crd::reference::markdown());
+            ExitCode::SUCCESS
+        }
+        Command::Crds { out_dir, .. } => print_crds(out_dir.as_deref()),
     }
+}
+
+fn print_crds(out_dir: Option<&std::path::Path>) -> ExitCode {
+    for crd in offload_operator::crd::crds() {
+        let yaml = match offload_operator::crd::to_yaml(&crd) {
+            Ok(y) => y,
+            Err(err) => {
+                eprintln!("offload-operator: cannot render {}: {err}", crd.spec.names.kind);
+                return ExitCode::FAILURE;
+            }
+        };
+        match out_dir {
+            Some(dir) => {
+                let path = dir.join(offload_operator::crd::file_name(&crd));
+                if let Err(err) = std::fs::write(&path, yaml) {
+                    eprintln!("offload-operator: cannot write {}: {err}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Prints the API server's version and whether the identity may list Nodes (the operator needs to).

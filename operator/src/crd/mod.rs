@@ -1,0 +1,56 @@
+//! The custom resources of `offload.dev/v1alpha1`: [`OffloadSite`], [`OffloadPolicy`] and
+//! [`RemoteJob`], the annotations the product reads and writes, and the generated CRD YAML.
+//!
+//! Field docs become `kubectl explain` text; validation is in the schema (ranges, lengths, enums) and
+//! in CEL rules the API server evaluates, so `kubectl apply` rejects a wrong manifest and names the
+//! field. `docs/crds.md` is the reference.
+
+// clippy reads the repeated `type_ = "string"` of several `printcolumn(...)` entries as duplicated
+// attributes; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
+pub mod common;
+pub mod policy;
+pub mod reference;
+pub mod remote_job;
+pub mod site;
+
+pub use common::{Architecture, SiteKind};
+pub use policy::{OffloadPolicy, OffloadPolicySpec, OffloadPolicyStatus};
+pub use remote_job::{RemoteJob, RemoteJobSpec, RemoteJobStatus};
+pub use site::{OffloadSite, OffloadSiteSpec, OffloadSiteStatus};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// API group of every kind.
+pub const GROUP: &str = "offload.dev";
+
+/// Pod annotation: name of the `OffloadPolicy` that governs the pod (else the highest-priority
+/// policy whose selectors match).
+pub const ANNOTATION_POLICY: &str = "offload.dev/policy";
+/// Pod annotation: pin the pod to this `OffloadSite`, bypassing scoring (filters still apply).
+pub const ANNOTATION_SITE: &str = "offload.dev/site";
+/// Pod annotation written by the operator: the remote job id the site returned from `/create`.
+pub const ANNOTATION_REMOTE_ID: &str = "offload.dev/remote-id";
+/// Pod annotation written by the operator: the placement explanation (chosen site, ranking,
+/// reasons for rejected sites), as JSON.
+pub const ANNOTATION_PLACEMENT: &str = "offload.dev/placement";
+
+/// The three CRDs, in the order they are printed and installed.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![OffloadSite::crd(), OffloadPolicy::crd(), remote_job::crd()]
+}
+
+/// File name under `crds/` for a CRD: `<group>_<plural>.yaml`, as controller-gen names them.
+pub fn file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural)
+}
+
+/// One CRD as YAML, as committed under `crds/`.
+pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_saphyr::ser::Error> {
+    serde_saphyr::to_string(crd)
+}
+
+#[cfg(test)]
+mod tests;

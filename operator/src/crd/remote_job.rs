@@ -1,0 +1,246 @@
+//! `RemoteJob`: one job for a workflow engine to create and watch, with retries and failover
+//! across sites (namespaced).
+
+use k8s_openapi::{
+    api::core::v1::PodTemplateSpec,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::conditions_schema;
+
+/// A job run at a remote site: the operator creates one pod per attempt from `template`, places it
+/// (by `policy`, or at the pinned `site`), retries failed attempts and fails over to another site
+/// after a site failure.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "offload.dev",
+    version = "v1alpha1",
+    doc = "A RemoteJob runs one pod template at a remote site, with retries and failover across sites, for workflow engines.",
+    kind = "RemoteJob",
+    plural = "remotejobs",
+    shortname = "rjob",
+    category = "offload",
+    namespaced,
+    status = "RemoteJobStatus",
+    derive = "PartialEq",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Site", type_ = "string", json_path = ".status.site"),
+    printcolumn(name = "Attempts", type_ = "integer", json_path = ".status.attemptCount"),
+    printcolumn(name = "Pod", type_ = "string", json_path = ".status.pod", priority = 1),
+    printcolumn(
+        name = "Remote ID",
+        type_ = "string",
+        json_path = ".status.remoteId",
+        priority = 1
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("!(has(self.site) && has(self.policy))")
+    .message("set at most one of site and policy: a pinned site bypasses policy selection").field_path(".site"))]
+#[x_kube(validation = Rule::new("has(self.template.spec) && self.template.spec.containers.size() > 0")
+    .message("template.spec.containers must list at least one container").field_path(".template.spec.containers"))]
+#[x_kube(validation = Rule::new("!has(self.template.spec) || !has(self.template.spec.restartPolicy) || self.template.spec.restartPolicy == 'Never'")
+    .message("template.spec.restartPolicy must be Never (retries are the RemoteJob's job)").field_path(".template.spec.restartPolicy"))]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteJobSpec {
+    /// The pod to run. The operator sets `schedulerName: offload-scheduler`, `restartPolicy: Never`,
+    /// an owner reference and labels linking the pod to this job and attempt.
+    pub template: PodTemplateSpec,
+
+    /// Name of the OffloadPolicy that places the pods; by default the policy that matches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub policy: Option<String>,
+
+    /// Name of the OffloadSite every attempt runs at (no placement, no failover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub site: Option<String>,
+
+    /// Attempts allowed after the first one fails.
+    #[serde(default = "default_retry_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub retry_limit: i32,
+
+    /// After a site failure, retry at a site that has not failed this job yet.
+    #[serde(default = "default_true")]
+    pub failover: bool,
+
+    /// Seconds the job may run, counted from its first attempt's start; then it fails with reason
+    /// `DeadlineExceeded` and its running attempt is deleted at its site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub active_deadline_seconds: Option<i64>,
+
+    /// Seconds after the job finished when it is deleted with its pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31_536_000))]
+    pub ttl_seconds_after_finished: Option<i32>,
+
+    /// While true, no attempt is created and a running attempt is deleted, as for Kubernetes Jobs.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_retry_limit() -> i32 {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The RemoteJob CRD. The pod template's schema is Kubernetes' own; its descriptions are dropped
+/// (as controller-gen's `maxDescLen=0` does) so the CRD stays small enough for client-side
+/// `kubectl apply`; `kubectl explain pod.spec` documents those fields.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = RemoteJob::crd();
+    for version in &mut crd.spec.versions {
+        let template = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|root| root.properties.as_mut())
+            .and_then(|p| p.get_mut("spec"))
+            .and_then(|spec| spec.properties.as_mut())
+            .and_then(|p| p.get_mut("template"));
+        if let Some(template) = template {
+            let keep = template.description.take();
+            strip_descriptions(template);
+            template.description = keep;
+        }
+    }
+    crd
+}
+
+fn strip_descriptions(schema: &mut JSONSchemaProps) {
+    schema.description = None;
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        strip_descriptions(child);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        strip_descriptions(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        strip_descriptions(extra);
+    }
+    for sub in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of]
+        .into_iter()
+        .flatten()
+    {
+        sub.iter_mut().for_each(strip_descriptions);
+    }
+}
+
+/// Where a RemoteJob is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RemoteJobPhase {
+    /// Waiting for an attempt to be placed (or for the retry backoff).
+    #[default]
+    Pending,
+    /// The current attempt is bound to a site and queued there.
+    Scheduled,
+    /// The current attempt runs at its site.
+    Running,
+    /// An attempt completed successfully.
+    Succeeded,
+    /// The job failed for good: retries exhausted, deadline exceeded, or nowhere to run.
+    Failed,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AttemptOutcome {
+    /// Still in progress.
+    Running,
+    /// Every container exited 0.
+    Succeeded,
+    /// A container exited non-zero: the application failed.
+    ApplicationFailure,
+    /// The site refused or lost the pod, or stayed unreachable past the grace period.
+    SiteFailure,
+    /// The job's `activeDeadlineSeconds` passed.
+    DeadlineExceeded,
+    /// Deleted because the job was suspended or deleted.
+    Cancelled,
+}
+
+/// One attempt of a RemoteJob.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    /// 0 for the first attempt.
+    pub index: i32,
+    /// Site the attempt was placed at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Name of the attempt's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Remote job id at the site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
+    /// When the attempt's pod was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the attempt ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<Time>,
+    /// How it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<AttemptOutcome>,
+    /// Why, in a word (e.g. `Error`, `SiteUnreachable`, `CreateRefused`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub reason: Option<String>,
+    /// Exit code of the first container that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// Observed state of a RemoteJob, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteJobStatus {
+    /// Summary of where the job is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RemoteJobPhase>,
+    /// `Scheduled`, `Running`, `Complete`, `Failed` (so `kubectl wait --for=condition=Complete` works).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Site of the current (or last) attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Pod of the current (or last) attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Remote job id of the current (or last) attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
+    /// Number of attempts so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_count: Option<i32>,
+    /// Every attempt, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 101))]
+    pub attempts: Vec<Attempt>,
+    /// When the first attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job succeeded or failed for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// A human-readable summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub message: Option<String>,
+}
