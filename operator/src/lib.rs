@@ -5,6 +5,7 @@
 //! command line and wires modules together.
 
 pub mod crd;
+pub mod interlink;
 pub mod kubeclient;
 pub mod telemetry;
 
