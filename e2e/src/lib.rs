@@ -15,3 +15,4 @@ pub mod wait;
 
 pub use cluster::Cluster;
 pub use namespace::TestNamespace;
+pub mod sitesim;

@@ -8,6 +8,9 @@
 //!   `garbage_collector_deletes_dependents_of_deleted_owner` time out;
 //! - kube-scheduler stopped: `scheduler_marks_unfittable_pod_unschedulable` times out.
 
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
