@@ -542,13 +542,42 @@ fn make_tls(dir: &Path) -> (std::path::PathBuf, Tls) {
         "-extfile",
         "site.ext",
     ]);
-    (
-        dir.join("ca.crt"),
-        Tls {
-            cert: dir.join("site.crt"),
-            key: dir.join("site.key"),
-        },
-    )
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=offload-operator",
+    ]);
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "client.ext",
+    ]);
+    let tls = Tls {
+        cert: dir.join("site.crt"),
+        key: dir.join("site.key"),
+        client_ca: None,
+    };
+    (dir.join("ca.crt"), tls)
 }
 
 #[tokio::test]
@@ -723,4 +752,52 @@ async fn simulated_pods_take_exit_codes_from_annotations_and_env() {
             Some(code)
         );
     }
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_the_client_certificate() {
+    let dir = work_dir("mtls-pki");
+    let (ca, mut tls) = make_tls(&dir);
+    tls.client_ca = Some(ca.clone());
+    let sim = start_sim("mtls", |c| c.tls = Some(tls)).await;
+    let ca_pem = std::fs::read(&ca).expect("ca");
+    let one = RetryPolicy {
+        attempts: 1,
+        ..quick_retry()
+    };
+    let without = SiteClient::new(SiteConfig {
+        endpoint: sim.url.clone(),
+        ca_pem: Some(ca_pem.clone()),
+        retry: one.clone(),
+        ..Default::default()
+    })
+    .expect("client");
+    let e = without.ping().await.expect_err("no client certificate");
+    assert!(matches!(e, Error::Transport { .. }), "{e}");
+    let mut identity = std::fs::read(dir.join("client.crt")).expect("crt");
+    identity.extend(std::fs::read(dir.join("client.key")).expect("key"));
+    let with = SiteClient::new(SiteConfig {
+        endpoint: sim.url.clone(),
+        ca_pem: Some(ca_pem),
+        client_identity_pem: Some(identity),
+        retry: one,
+        ..Default::default()
+    })
+    .expect("client");
+    with.ping().await.expect("client certificate accepted");
+}
+
+#[tokio::test]
+async fn unix_socket_endpoint() {
+    let dir = work_dir("unix");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("interlink.sock");
+    let sim = start_sim("unix-site", |c| c.unix_socket = Some(socket.clone())).await;
+    assert_eq!(sim.url, format!("unix://{}", socket.display()));
+    let c = client(&sim.url);
+    c.ping().await.expect("ping over the socket");
+    let p = simulated("over-unix", 1, 0.1);
+    c.create(&request(&p)).await.expect("create over the socket");
+    wait_status(&c, &p, "done", |s| s.containers[0].state.terminated.is_some()).await;
+    assert_eq!(sim.stats().creates_per_uid.get(&uid(1)), Some(&1));
 }

@@ -55,6 +55,12 @@ struct Args {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS; needs --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Listen on this unix socket instead of TCP.
+    #[arg(long, conflicts_with_all = ["tls_cert", "listen"])]
+    unix_socket: Option<PathBuf>,
     /// Fail one request in every N with HTTP 500 (0: never).
     #[arg(long, default_value_t = 0)]
     fail_every: u64,
@@ -94,10 +100,12 @@ async fn main() -> anyhow::Result<()> {
         legacy_ping: args.legacy_ping,
         latency: Duration::from_millis(args.latency_ms),
         token,
-        tls: args
-            .tls_cert
-            .zip(args.tls_key)
-            .map(|(cert, key)| Tls { cert, key }),
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| Tls {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        unix_socket: args.unix_socket,
         every_nth_error: args.fail_every,
         ..SimConfig::default()
     };

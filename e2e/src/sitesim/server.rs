@@ -29,13 +29,39 @@ use super::{
     state::{GpuSpec, SimContainer, SimPod, State, Stats, waiting},
 };
 
-/// TLS certificate and key (PEM files).
+/// TLS certificate and key (PEM files), and optionally the CA that client certificates must chain
+/// to (mutual TLS: a client without a valid certificate is refused during the handshake).
 #[derive(Clone, Debug)]
 pub struct Tls {
     /// Certificate chain.
     pub cert: PathBuf,
     /// Private key.
     pub key: PathBuf,
+    /// CA for client certificates; `None`: no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Tls {
+    async fn rustls(&self) -> anyhow::Result<axum_server::tls_rustls::RustlsConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let Some(ca) = &self.client_ca else {
+            return Ok(axum_server::tls_rustls::RustlsConfig::from_pem_file(&self.cert, &self.key).await?);
+        };
+        let certs = CertificateDer::pem_file_iter(&self.cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(&self.key)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca)? {
+            roots.add(c?)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+            config,
+        )))
+    }
 }
 
 /// How the simulated site behaves.
@@ -69,6 +95,8 @@ pub struct SimConfig {
     pub tls: Option<Tls>,
     /// Fail one request in every N with a 500 (0: never).
     pub every_nth_error: u64,
+    /// Listen on this unix socket instead of TCP (no TLS, no outages).
+    pub unix_socket: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -88,6 +116,7 @@ impl Default for SimConfig {
             token: None,
             tls: None,
             every_nth_error: 0,
+            unix_socket: None,
         }
     }
 }
@@ -117,19 +146,38 @@ impl SimHandle {
         std::fs::create_dir_all(&config.work_dir)?;
         let state = State::new(config.slots);
         state.lock().faults.every_nth_error = config.every_nth_error;
-        let listener = std::net::TcpListener::bind(config.listen)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let scheme = if config.tls.is_some() { "https" } else { "http" };
         let (down_tx, down_rx) = watch::channel(None);
         let app = App {
             state: state.clone(),
             config: Arc::new(config.clone()),
             down: Arc::new(Mutex::new(Some(down_tx.clone()))),
         };
+        if let Some(path) = &config.unix_socket {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)?;
+            let router = router(app);
+            let task = tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!("unix socket server failed: {e}");
+                }
+            });
+            let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+            let url = format!("unix://{}", path.display());
+            return Ok(SimHandle {
+                addr,
+                url,
+                state,
+                down: down_tx,
+                task,
+            });
+        }
+        let listener = std::net::TcpListener::bind(config.listen)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let scheme = if config.tls.is_some() { "https" } else { "http" };
         let router = router(app);
         let tls = match &config.tls {
-            Some(t) => Some(axum_server::tls_rustls::RustlsConfig::from_pem_file(&t.cert, &t.key).await?),
+            Some(t) => Some(t.rustls().await?),
             None => None,
         };
         let task = tokio::spawn(serve_loop(listener, addr, router, tls, down_rx));
