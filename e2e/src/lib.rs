@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod namespace;
+pub mod operator;
 pub mod wait;
 
 pub use cluster::Cluster;

@@ -8,7 +8,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Output,
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -46,51 +45,8 @@ async fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Output> {
     Ok(cmd.args(args).output().await?)
 }
 
-/// Installs the committed CRDs once per test binary (server-side apply, as for any large CRD)
-/// and waits until they are established and published in discovery.
 async fn install_crds(cluster: &'static Cluster) -> anyhow::Result<()> {
-    static DONE: OnceLock<()> = OnceLock::new();
-    if DONE.get().is_some() {
-        return Ok(());
-    }
-    let dir = repo_root().join("crds");
-    let out = kubectl(
-        cluster,
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            dir.to_str().unwrap_or("."),
-        ],
-    )
-    .await?;
-    ensure!(out.status.success(), "applying crds/: {}", text(&out));
-    let out = kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/offloadsites.offload.dev",
-            "crd/offloadpolicies.offload.dev",
-            "crd/remotejobs.offload.dev",
-        ],
-    )
-    .await?;
-    ensure!(out.status.success(), "waiting for the CRDs: {}", text(&out));
-    wait::until(
-        "the offload category in discovery",
-        Duration::from_secs(60),
-        || async {
-            let out = kubectl(cluster, &["api-resources", "--categories=offload", "-o", "name"]).await?;
-            let s = String::from_utf8_lossy(&out.stdout).to_string();
-            Ok::<_, anyhow::Error>((s.lines().count() == 3).then_some(()))
-        },
-    )
-    .await?;
-    let _ = DONE.set(());
-    Ok(())
+    offload_e2e::operator::install_crds(cluster).await
 }
 
 /// Every key the manifest sets is in the server's copy with the same value (the server may add

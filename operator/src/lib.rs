@@ -4,9 +4,12 @@
 //! The crate is split by job (see `docs/architecture.md`): the binary in `main.rs` only parses the
 //! command line and wires modules together.
 
+pub mod controller;
 pub mod crd;
 pub mod interlink;
 pub mod kubeclient;
+pub mod metrics;
+pub mod server;
 pub mod telemetry;
 
 /// Installs the one rustls crypto provider of the process (aws-lc-rs).

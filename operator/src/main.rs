@@ -25,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the operator: the site controller, node leases, and the metrics/health server.
+    Run(RunArgs),
     /// Connect to the cluster with the operator's identity and report what it can reach.
     Check,
     /// Print the CustomResourceDefinitions as YAML (`offload-operator crds | kubectl apply -f -`),
@@ -39,6 +41,25 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The operator's namespace: site credentials (Secrets, ConfigMaps) are read here only.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "offload-system")]
+    namespace: String,
+    /// Address of the metrics and health server (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Address written into each virtual Node for its kubelet API (logs).
+    #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
+    kubelet_address: String,
+    /// Port of the kubelet API written into each virtual Node.
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: i32,
+    /// Only manage OffloadSites matching this label selector (sharding, tests).
+    #[arg(long)]
+    site_selector: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,6 +69,7 @@ async fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check => check(cli.kubeconfig).await,
+        Command::Run(args) => run(cli.kubeconfig, args).await,
         Command::Crds { reference: true, .. } => {
             print!("{}", offload_operator::crd::reference::markdown());
             ExitCode::SUCCESS
@@ -76,6 +98,44 @@ fn print_crds(out_dir: Option<&std::path::Path>) -> ExitCode {
             None => print!("---\n{yaml}"),
         }
     }
+    ExitCode::SUCCESS
+}
+
+async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
+    use offload_operator::{controller, metrics::Metrics, server};
+    let client = match offload_operator::kubeclient::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot build the Kubernetes client");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = match Metrics::new() {
+        Ok(m) => m,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot register metrics");
+            return ExitCode::FAILURE;
+        }
+    };
+    let health = server::Health::default();
+    let (addr, _server) = match server::serve(args.metrics_addr, metrics.clone(), health.clone()).await {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, addr = %args.metrics_addr, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%addr, namespace = %args.namespace, "offload-operator running; metrics on http://{addr}/metrics");
+    let settings = controller::Settings {
+        namespace: args.namespace,
+        kubelet: controller::node::KubeletEndpoint {
+            address: args.kubelet_address,
+            port: args.kubelet_port,
+        },
+        site_selector: args.site_selector,
+    };
+    controller::site::run(client, metrics, settings, move || health.set_ready()).await;
+    tracing::info!("shutting down");
     ExitCode::SUCCESS
 }
 

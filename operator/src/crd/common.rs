@@ -86,3 +86,101 @@ pub fn conditions_schema(g: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-list-map-keys": ["type"]
     })
 }
+
+/// Sets a condition in a list keyed by type, keeping `lastTransitionTime` when the status did not
+/// change. Returns whether anything but `observedGeneration` changed.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> bool {
+    let status = if status { "True" } else { "False" };
+    let message: String = message.chars().take(32 * 1024).collect();
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let changed = c.status != status || c.reason != reason || c.message != message;
+            if c.status != status {
+                c.last_transition_time = now.clone();
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message;
+            c.observed_generation = generation;
+            changed
+        }
+        None => {
+            conditions.push(Condition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message,
+                observed_generation: generation,
+                last_transition_time: now.clone(),
+            });
+            true
+        }
+    }
+}
+
+/// Whether the condition of that type is `True`.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+#[cfg(test)]
+mod condition_tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_with_the_status() {
+        let t0 = Time("2026-01-01T00:00:00Z".parse().expect("t"));
+        let t1 = Time("2026-01-01T00:01:00Z".parse().expect("t"));
+        let mut cs = Vec::new();
+        assert!(set_condition(
+            &mut cs,
+            "Ready",
+            false,
+            "Probing",
+            "first",
+            Some(1),
+            &t0
+        ));
+        assert!(set_condition(
+            &mut cs,
+            "Ready",
+            false,
+            "Timeout",
+            "no answer",
+            Some(1),
+            &t1
+        ));
+        assert_eq!(cs[0].last_transition_time, t0, "same status: time kept");
+        assert!(!set_condition(
+            &mut cs,
+            "Ready",
+            false,
+            "Timeout",
+            "no answer",
+            Some(2),
+            &t1
+        ));
+        assert!(set_condition(
+            &mut cs,
+            "Ready",
+            true,
+            "PingSucceeded",
+            "ok",
+            Some(2),
+            &t1
+        ));
+        assert_eq!(cs[0].last_transition_time, t1);
+        assert!(is_true(&cs, "Ready"));
+        assert_eq!(cs.len(), 1);
+    }
+}

@@ -1,0 +1,184 @@
+//! The real operator binary as a child process, with the CRDs and its RBAC installed.
+
+use std::{path::PathBuf, process::Stdio, sync::OnceLock, time::Duration};
+
+use anyhow::{Context, ensure};
+
+use crate::{
+    Cluster,
+    cluster::{repo_root, workspace_binary},
+    wait,
+};
+
+/// Label put on a test's sites; the test's operator only manages sites carrying its value.
+pub const TEST_LABEL: &str = "offload.dev/e2e-test";
+
+/// Installs the committed CRDs (server-side apply, as for any large CRD) once per test binary and
+/// waits until they are served.
+pub async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
+    static DONE: OnceLock<()> = OnceLock::new();
+    if DONE.get().is_some() {
+        return Ok(());
+    }
+    let dir = repo_root().join("crds");
+    let out = cluster
+        .kubectl()
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(&dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "applying crds/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cluster
+        .kubectl()
+        .args(["wait", "--for=condition=Established", "--timeout=60s"])
+        .args([
+            "crd/offloadsites.offload.dev",
+            "crd/offloadpolicies.offload.dev",
+            "crd/remotejobs.offload.dev",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "waiting for the CRDs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait::until(
+        "the offload category in discovery",
+        Duration::from_secs(60),
+        || async {
+            let out = cluster
+                .kubectl()
+                .args(["api-resources", "--categories=offload", "-o", "name"])
+                .output()?;
+            Ok::<_, anyhow::Error>((String::from_utf8_lossy(&out.stdout).lines().count() == 3).then_some(()))
+        },
+    )
+    .await?;
+    let _ = DONE.set(());
+    Ok(())
+}
+
+/// Grants the operator identity its least-privilege RBAC, with `namespace` as its namespace.
+pub fn install_rbac(cluster: &Cluster, namespace: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(repo_root().join("e2e/testdata/operator-rbac.yaml"))?;
+    let path = cluster.dir.join(format!("rbac-{namespace}.yaml"));
+    std::fs::write(&path, text.replace("NAMESPACE", namespace))?;
+    let out = cluster.kubectl().args(["apply", "-f"]).arg(&path).output()?;
+    ensure!(
+        out.status.success(),
+        "applying RBAC: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A running `offload-operator run`, killed when dropped.
+pub struct Operator {
+    child: tokio::process::Child,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Base URL of its metrics/health server.
+    pub metrics_url: String,
+}
+
+impl Operator {
+    /// Starts the operator with the operator identity, `namespace` as its namespace, managing only
+    /// sites labelled `offload.dev/e2e-test=<namespace>`; waits until `/readyz` answers 200.
+    pub async fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Operator> {
+        install_crds(cluster).await?;
+        install_rbac(cluster, namespace)?;
+        let port = free_port()?;
+        let log = cluster.dir.join(format!("operator-{namespace}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(workspace_binary("offload-operator")?)
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&cluster.operator_kubeconfig)
+            .args([
+                "--namespace",
+                namespace,
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--site-selector", &format!("{TEST_LABEL}={namespace}")])
+            .env("RUST_LOG", "info,offload_operator=debug")
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting offload-operator")?;
+        let mut op = Operator {
+            child,
+            log,
+            metrics_url: format!("http://127.0.0.1:{port}"),
+        };
+        let url = format!("{}/readyz", op.metrics_url);
+        let ready = wait::until("the operator's /readyz", Duration::from_secs(60), || async {
+            Ok::<_, anyhow::Error>(
+                http_get(&url)
+                    .await
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(|_| ()),
+            )
+        })
+        .await;
+        if let Err(e) = ready {
+            let _ = op.child.start_kill();
+            anyhow::bail!("{e}\n{}", op.log_tail(60));
+        }
+        Ok(op)
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        format!(
+            "----- {} -----\n{}",
+            self.log.display(),
+            all[all.len().saturating_sub(lines)..].join("\n")
+        )
+    }
+
+    /// `GET <metrics server><path>`.
+    pub async fn get(&self, path: &str) -> anyhow::Result<String> {
+        let (code, body) = http_get(&format!("{}{path}", self.metrics_url)).await?;
+        ensure!(code == 200, "{path}: HTTP {code}");
+        Ok(body)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A minimal HTTP/1.0 GET on loopback (no client library needed for two endpoints).
+async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("http URL")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}

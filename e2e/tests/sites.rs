@@ -1,0 +1,345 @@
+//! The site controller against the real control plane, the real operator binary, and simulated
+//! sites over HTTP.
+
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Secret},
+    events::v1::Event,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use offload_e2e::{
+    TestNamespace,
+    operator::{Operator, TEST_LABEL},
+    sitesim::{GpuSpec, SimConfig, SimHandle},
+    wait,
+};
+use offload_operator::crd::OffloadSite;
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn sim(f: impl FnOnce(&mut SimConfig)) -> SimHandle {
+    let mut c = SimConfig {
+        simulate: true,
+        ..SimConfig::default()
+    };
+    f(&mut c);
+    SimHandle::start(c).await.expect("simulator")
+}
+
+/// An OffloadSite for this test's operator, probing every second, not ready after 2 failures.
+fn site(ns: &str, name: &str, endpoint: &str, extra: Value) -> OffloadSite {
+    let mut spec = json!({
+        "endpoint": endpoint,
+        "namespaceSelector": {},
+        "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
+        "metadata": {"name": name, "labels": {TEST_LABEL: ns}},
+        "spec": spec
+    }))
+    .expect("site")
+}
+
+fn condition<'a>(
+    site: &'a OffloadSite,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    site.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+async fn wait_ready(sites: &Api<OffloadSite>, name: &str, ready: bool) -> anyhow::Result<OffloadSite> {
+    let want = if ready { "True" } else { "False" };
+    wait::until(&format!("site {name} Ready={want}"), TIMEOUT, || async {
+        let s = sites.get(name).await?;
+        Ok::<_, kube::Error>(
+            condition(&s, "Ready")
+                .filter(|c| c.status == want)
+                .is_some()
+                .then_some(s),
+        )
+    })
+    .await
+}
+
+fn has_taint(node: &Node, key: &str) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == key))
+}
+
+/// Deletes the test's sites while its operator still runs (their finalizer needs it).
+async fn delete_sites(sites: &Api<OffloadSite>, names: &[&str]) -> anyhow::Result<()> {
+    for n in names {
+        let _ = sites.delete(n, &DeleteParams::default()).await;
+    }
+    for n in names {
+        wait::until(&format!("site {n} to be gone"), TIMEOUT, || async {
+            Ok::<_, kube::Error>(sites.get_opt(n).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sites_become_ready_with_nodes_capacity_and_leases() {
+    TestNamespace::run("sites-ready", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let gpu = sim(|c| {
+            c.cpu = Some("64".into());
+            c.memory = Some("256Gi".into());
+            c.gpus = vec![GpuSpec {
+                resource_type: "nvidia.com/gpu".into(),
+                model: "A100".into(),
+                count: 8,
+            }];
+        })
+        .await;
+        let legacy = sim(|c| c.legacy_ping = true).await;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let (a, b) = (format!("{}-gpu", t.name), format!("{}-cpu", t.name));
+        let declared_gpu = json!({"capacity": {"cpu": "32", "memory": "128Gi", "pods": 100,
+            "gpus": [{"model": "A100", "count": 4, "memoryPerGpu": "80Gi"}]}, "kind": "HPC"});
+        let declared_cpu = json!({"capacity": {"cpu": "16", "memory": "64Gi", "pods": 50}, "kind": "HTC"});
+        sites
+            .create(&PostParams::default(), &site(&t.name, &a, &gpu.url, declared_gpu))
+            .await?;
+        sites
+            .create(
+                &PostParams::default(),
+                &site(&t.name, &b, &legacy.url, declared_cpu),
+            )
+            .await?;
+
+        let result = async {
+            for name in [&a, &b] {
+                let s = wait_ready(&sites, name, true).await?;
+                let status = s.status.clone().unwrap_or_default();
+                ensure!(
+                    status.node_name.as_deref() == Some(format!("offload-{name}").as_str()),
+                    "{status:?}"
+                );
+                ensure!(status.active_pods == Some(0));
+            }
+            let nodes: Api<Node> = Api::all(t.client.clone());
+            // The ping's capacity overrides the declared one; a legacy ping leaves it declared.
+            let node_a = nodes.get(&format!("offload-{a}")).await?;
+            let cap = node_a
+                .status
+                .as_ref()
+                .and_then(|s| s.capacity.clone())
+                .context("capacity")?;
+            ensure!(
+                cap["cpu"].0 == "64" && cap["memory"].0 == "256Gi",
+                "pinged capacity: {cap:?}"
+            );
+            ensure!(cap["nvidia.com/gpu"].0 == "8", "pinged GPUs: {cap:?}");
+            let labels = node_a.metadata.labels.clone().unwrap_or_default();
+            ensure!(labels.get("offload.dev/site") == Some(&a), "{labels:?}");
+            ensure!(labels.get("nvidia-gpu-type").map(String::as_str) == Some("A100"));
+            ensure!(
+                has_taint(&node_a, "offload.dev/site")
+                    && has_taint(&node_a, "virtual-node.interlink/no-schedule")
+            );
+            ensure!(!has_taint(&node_a, "offload.dev/unreachable"));
+            let node_b = nodes.get(&format!("offload-{b}")).await?;
+            let cap = node_b
+                .status
+                .as_ref()
+                .and_then(|s| s.capacity.clone())
+                .context("capacity")?;
+            ensure!(
+                cap["cpu"].0 == "16" && cap["pods"].0 == "50",
+                "declared capacity: {cap:?}"
+            );
+            ensure!(!cap.contains_key("nvidia.com/gpu"));
+
+            // Leases are renewed, so the node lifecycle controller keeps the nodes Ready.
+            let leases: Api<Lease> = Api::namespaced(t.client.clone(), "kube-node-lease");
+            let first = leases.get(&format!("offload-{a}")).await?;
+            let t0 = first.spec.and_then(|s| s.renew_time).context("renewTime")?;
+            let renewed = wait::until("a lease renewal", Duration::from_secs(30), || async {
+                let l = leases.get(&format!("offload-{a}")).await?;
+                let t1 = l.spec.and_then(|s| s.renew_time);
+                Ok::<_, kube::Error>(t1.filter(|t1| t1.0 > t0.0))
+            })
+            .await?;
+            ensure!(renewed.0 > t0.0);
+            let node_a = nodes.get(&format!("offload-{a}")).await?;
+            let ready = node_a.status.and_then(|s| s.conditions).unwrap_or_default();
+            ensure!(
+                ready.iter().any(|c| c.type_ == "Ready" && c.status == "True"),
+                "{ready:?}"
+            );
+
+            // Metrics and Events.
+            let metrics = op.get("/metrics").await?;
+            ensure!(
+                metrics.contains(&format!("offload_site_up{{site=\"{a}\"}} 1")),
+                "{metrics}"
+            );
+            ensure!(
+                metrics.contains("offload_site_probe_latency_seconds_bucket"),
+                "{metrics}"
+            );
+            let events: Api<Event> = Api::all(t.client.clone());
+            let list = events
+                .list(&ListParams::default().fields(&format!("regarding.name={a}")))
+                .await?;
+            ensure!(
+                list.items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("SiteReady")),
+                "{:?}",
+                list.items
+            );
+            Ok(())
+        }
+        .await;
+        delete_sites(&sites, &[&a, &b]).await?;
+        // Deleting a site removes its node and lease.
+        let nodes: Api<Node> = Api::all(t.client.clone());
+        for name in [&a, &b] {
+            wait::until("the node to be deleted", TIMEOUT, || async {
+                Ok::<_, kube::Error>(
+                    nodes
+                        .get_opt(&format!("offload-{name}"))
+                        .await?
+                        .is_none()
+                        .then_some(()),
+                )
+            })
+            .await?;
+        }
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(40)))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unreachable_site_is_tainted_never_evicted_and_recovers() {
+    TestNamespace::run("sites-outage", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let s = sim(|_| {}).await;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-flaky", t.name);
+        sites
+            .create(&PostParams::default(), &site(&t.name, &name, &s.url, json!({})))
+            .await?;
+        let result = async {
+            wait_ready(&sites, &name, true).await?;
+            let nodes: Api<Node> = Api::all(t.client.clone());
+            let node = format!("offload-{name}");
+            s.go_down(Duration::from_secs(15));
+            let start = std::time::Instant::now();
+            let down = wait_ready(&sites, &name, false).await?;
+            let took = start.elapsed();
+            // threshold (2) x interval (1 s), plus the 1 s probe timeout and a margin.
+            ensure!(took < Duration::from_secs(10), "took {took:?} to notice");
+            let reason = condition(&down, "Ready")
+                .map(|c| c.reason.clone())
+                .unwrap_or_default();
+            ensure!(reason == "ConnectionFailed", "reason {reason}");
+            let n = wait::until("the unreachable taint", TIMEOUT, || async {
+                let n = nodes.get(&node).await?;
+                Ok::<_, kube::Error>(has_taint(&n, "offload.dev/unreachable").then_some(n))
+            })
+            .await?;
+            let conditions = n.status.and_then(|s| s.conditions).unwrap_or_default();
+            ensure!(
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"),
+                "the node stays Ready (no eviction): {conditions:?}"
+            );
+            ensure!(
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "OffloadSiteReachable" && c.status == "False")
+            );
+            wait_ready(&sites, &name, true).await?;
+            wait::until("the taint to go", TIMEOUT, || async {
+                let n = nodes.get(&node).await?;
+                Ok::<_, kube::Error>((!has_taint(&n, "offload.dev/unreachable")).then_some(()))
+            })
+            .await?;
+            Ok(())
+        }
+        .await;
+        delete_sites(&sites, &[&name]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(40)))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_token_secret_is_reported_then_fixed() {
+    TestNamespace::run("sites-secret", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let s = sim(|c| c.token = Some("sesame".into())).await;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-secured", t.name);
+        let auth = json!({"auth": {"bearerToken": {"name": "site-token", "key": "token"}}});
+        sites
+            .create(&PostParams::default(), &site(&t.name, &name, &s.url, auth))
+            .await?;
+        let result = async {
+            let reported = wait::until("CredentialsReady=False", TIMEOUT, || async {
+                let s = sites.get(&name).await?;
+                Ok::<_, kube::Error>(
+                    condition(&s, "CredentialsReady")
+                        .filter(|c| c.status == "False")
+                        .cloned(),
+                )
+            })
+            .await?;
+            ensure!(reported.reason == "SecretNotFound", "{reported:?}");
+            ensure!(reported.message.contains("site-token"), "{reported:?}");
+            let events: Api<Event> = Api::all(t.client.clone());
+            wait::until("a CredentialsMissing Event", TIMEOUT, || async {
+                let list = events
+                    .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+                    .await?;
+                Ok::<_, kube::Error>(
+                    list.items
+                        .iter()
+                        .any(|e| e.reason.as_deref() == Some("CredentialsMissing"))
+                        .then_some(()),
+                )
+            })
+            .await?;
+            ensure!(s.stats().pings == 0, "no request without credentials");
+            let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.name);
+            let secret: Secret = serde_json::from_value(json!({
+                "metadata": {"name": "site-token"}, "stringData": {"token": "sesame\n"}
+            }))?;
+            secrets.create(&PostParams::default(), &secret).await?;
+            let ready = wait_ready(&sites, &name, true).await?;
+            let creds = condition(&ready, "CredentialsReady").map(|c| c.status.clone());
+            ensure!(creds.as_deref() == Some("True"));
+            ensure!(s.stats().unauthorized == 0, "the trimmed token was accepted");
+            let logs = std::fs::read_to_string(&op.log).unwrap_or_default();
+            ensure!(!logs.contains("sesame"), "the token must never be logged");
+            Ok(())
+        }
+        .await;
+        delete_sites(&sites, &[&name]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(40)))
+    })
+    .await;
+}

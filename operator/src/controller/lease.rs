@@ -1,0 +1,65 @@
+//! Renews each virtual Node's Lease in `kube-node-lease`, as a kubelet does, so the node lifecycle
+//! controller keeps the Node Ready (and never evicts its pods) while the operator runs.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+    runtime::reflector::Store,
+};
+
+use super::node::node_name;
+use crate::crd::OffloadSite;
+
+/// Seconds a lease is valid; renewed every `RENEW` (a kubelet uses 40 s and 10 s).
+pub const DURATION_SECONDS: i32 = 40;
+const RENEW: Duration = Duration::from_secs(10);
+
+/// Renews the leases of every site in the store, forever.
+pub async fn renew_forever(client: Client, sites: Store<OffloadSite>) {
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    loop {
+        for site in sites.state() {
+            if site.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let name = node_name(site.metadata.name.as_deref().unwrap_or_default());
+            if let Err(e) = renew(&leases, &name).await {
+                tracing::warn!(node = %name, error = %e, "cannot renew the node lease");
+            }
+        }
+        tokio::time::sleep(RENEW).await;
+    }
+}
+
+/// Creates or renews one lease.
+pub async fn renew(leases: &Api<Lease>, node: &str) -> Result<(), kube::Error> {
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(node.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(node.into()),
+            lease_duration_seconds: Some(DURATION_SECONDS),
+            renew_time: Some(MicroTime(jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
+    value["apiVersion"] = "coordination.k8s.io/v1".into();
+    value["kind"] = "Lease".into();
+    leases
+        .patch(
+            node,
+            &PatchParams::apply("offload-operator").force(),
+            &Patch::Apply(&value),
+        )
+        .await?;
+    Ok(())
+}

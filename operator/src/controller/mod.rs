@@ -1,0 +1,51 @@
+//! Controllers: each observes, decides with pure functions, acts, and reports.
+
+pub mod credentials;
+pub mod lease;
+pub mod node;
+pub mod site;
+
+use std::{collections::HashMap, sync::Mutex};
+
+use kube::{Client, runtime::events::Recorder};
+
+use crate::metrics::Metrics;
+
+/// Why a reconciliation failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// A deleted site still has pods; they are being deleted first.
+    #[error("waiting for {0} pod(s) on the site's node to be deleted")]
+    Draining(usize),
+}
+
+/// Settings of the `run` command the controllers need.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The operator's namespace: where site credentials are read.
+    pub namespace: String,
+    /// Address and port written into each virtual Node for the kubelet API.
+    pub kubelet: node::KubeletEndpoint,
+    /// Only sites with these labels (a label selector), for sharding or tests.
+    pub site_selector: Option<String>,
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub settings: Settings,
+    /// Per-site health and client, kept between probes.
+    pub sites: Mutex<HashMap<String, site::SiteHealth>>,
+}

@@ -1,0 +1,353 @@
+//! The virtual Node of a site, computed from the site and what its ping reported (pure).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{
+        DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+        NodeSystemInfo, Taint,
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    },
+};
+use kube::Resource;
+
+use crate::{
+    crd::{Architecture, OffloadSite, SiteKind},
+    interlink::wire::PingResponse,
+};
+
+/// Label every site's Node carries (`offload.dev/site=<site>`); also the key of its taint.
+pub const SITE_LABEL: &str = "offload.dev/site";
+/// interLink's taint, kept so manifests written for interLink keep working.
+pub const INTERLINK_TAINT: &str = "virtual-node.interlink/no-schedule";
+/// Taint of a site that fails its health check: no new pods; running pods are never evicted.
+pub const UNREACHABLE_TAINT: &str = "offload.dev/unreachable";
+/// Node condition that mirrors the site's health (the Node's `Ready` stays true: the operator, as
+/// its kubelet, is alive, so kube-controller-manager never evicts pods that still run remotely).
+pub const REACHABLE_CONDITION: &str = "OffloadSiteReachable";
+
+/// Node name of a site.
+pub fn node_name(site: &str) -> String {
+    format!("offload-{site}")
+}
+
+/// Where the operator's kubelet endpoint (logs) is reached.
+#[derive(Clone, Debug)]
+pub struct KubeletEndpoint {
+    /// Address written into the Node.
+    pub address: String,
+    /// Port of the kubelet API.
+    pub port: i32,
+}
+
+/// The Node's metadata and spec (applied with server-side apply).
+pub fn desired_node(site: &OffloadSite, ping: Option<&PingResponse>, reachable: bool) -> Node {
+    let name = site.metadata.name.clone().unwrap_or_default();
+    let node = node_name(&name);
+    let spec = &site.spec;
+    let mut labels: BTreeMap<String, String> = spec.node.iter().flat_map(|n| n.labels.clone()).collect();
+    let arch = match spec.architecture {
+        Architecture::Amd64 => "amd64",
+        Architecture::Arm64 => "arm64",
+        Architecture::Ppc64le => "ppc64le",
+        Architecture::S390x => "s390x",
+    };
+    let kind = match spec.kind {
+        SiteKind::Hpc => "HPC",
+        SiteKind::Htc => "HTC",
+        SiteKind::Cloud => "Cloud",
+        SiteKind::Kubernetes => "Kubernetes",
+    };
+    for (k, v) in [
+        (SITE_LABEL, name.as_str()),
+        ("offload.dev/site-kind", kind),
+        ("kubernetes.io/hostname", node.as_str()),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", arch),
+        ("type", "virtual-kubelet"),
+        ("virtual-node.interlink/type", "virtual-kubelet"),
+        ("node.kubernetes.io/exclude-from-external-load-balancers", "true"),
+    ] {
+        labels.insert(k.into(), v.into());
+    }
+    for gpu in &spec.capacity.gpus {
+        // interLink labels NVIDIA models as `nvidia-gpu-type`; keep that, plus one per resource.
+        if gpu.resource_name == "nvidia.com/gpu" {
+            labels.insert("nvidia-gpu-type".into(), gpu.model.clone());
+        }
+        labels.insert(
+            format!("offload.dev/gpu-model.{}", gpu.resource_name.replace('/', "_")),
+            gpu.model.clone(),
+        );
+    }
+    let taint = |key: &str, value: &str| Taint {
+        key: key.into(),
+        value: Some(value.into()),
+        effect: "NoSchedule".into(),
+        time_added: None,
+    };
+    let mut taints = vec![taint(SITE_LABEL, &name), taint(INTERLINK_TAINT, "true")];
+    if !reachable {
+        taints.push(taint(UNREACHABLE_TAINT, "true"));
+    }
+    // A ping answer with `taints` replaces the configured extra taints, as interLink does.
+    match ping.and_then(|p| p.taints.as_ref()) {
+        Some(from_site) => taints.extend(from_site.iter().map(|t| Taint {
+            key: t.key.clone(),
+            value: t.value.clone(),
+            effect: match t.effect.as_str() {
+                "PreferNoSchedule" | "NoExecute" => t.effect.clone(),
+                _ => "NoSchedule".into(),
+            },
+            time_added: None,
+        })),
+        None => taints.extend(spec.node.iter().flat_map(|n| n.taints.clone())),
+    }
+    Node {
+        metadata: ObjectMeta {
+            name: Some(node),
+            labels: Some(labels),
+            owner_references: Some(vec![owner(site)]),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(format!("offload://{name}")),
+            taints: Some(taints),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn owner(site: &OffloadSite) -> OwnerReference {
+    OwnerReference {
+        api_version: OffloadSite::api_version(&()).into(),
+        kind: OffloadSite::kind(&()).into(),
+        name: site.metadata.name.clone().unwrap_or_default(),
+        uid: site.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+/// Capacity: declared, overridden by what the ping reports. Zero or unparsable CPU or memory from
+/// a site is ignored (interLink issue #558: a 0 from a plugin would empty the node).
+pub fn capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> BTreeMap<String, Quantity> {
+    let c = &site.spec.capacity;
+    let mut out = BTreeMap::new();
+    out.insert(
+        "cpu".into(),
+        c.cpu.clone().unwrap_or_else(|| Quantity("100".into())),
+    );
+    out.insert(
+        "memory".into(),
+        c.memory.clone().unwrap_or_else(|| Quantity("3000Gi".into())),
+    );
+    out.insert("pods".into(), Quantity(c.pods.unwrap_or(10_000).to_string()));
+    for gpu in &c.gpus {
+        let entry = out
+            .entry(gpu.resource_name.clone())
+            .or_insert_with(|| Quantity("0".into()));
+        let sum = entry.0.parse::<i64>().unwrap_or(0) + i64::from(gpu.count);
+        *entry = Quantity(sum.to_string());
+    }
+    if let Some(r) = ping.and_then(|p| p.resources.as_ref()) {
+        for (key, q) in [("cpu", &r.cpu), ("memory", &r.memory), ("pods", &r.pods)] {
+            if let Some(q) = q
+                && positive(&q.0)
+            {
+                out.insert(key.into(), q.clone());
+            }
+        }
+        for a in &r.accelerators {
+            if let Some(q) = &a.available
+                && q.0.parse::<i64>().is_ok_and(|n| n >= 0)
+                && !a.resource_type.is_empty()
+            {
+                out.insert(a.resource_type.clone(), q.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A quantity string that starts with a non-zero digit sequence (no sign, not `0`, `0m`, ...).
+fn positive(q: &str) -> bool {
+    let digits: String = q
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    !q.starts_with('-') && digits.parse::<f64>().is_ok_and(|v| v > 0.0)
+}
+
+/// The Node's status (applied to the status subresource).
+pub fn desired_status(
+    site: &OffloadSite,
+    ping: Option<&PingResponse>,
+    reachable: (bool, &str, &str),
+    endpoint: &KubeletEndpoint,
+    now: &Time,
+) -> NodeStatus {
+    let capacity = capacity(site, ping);
+    let (ok, reason, message) = reachable;
+    let condition = |type_: &str, status: &str, reason: &str, message: &str| NodeCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        last_heartbeat_time: Some(now.clone()),
+        last_transition_time: None,
+    };
+    NodeStatus {
+        allocatable: Some(capacity.clone()),
+        capacity: Some(capacity),
+        conditions: Some(vec![
+            condition(
+                "Ready",
+                "True",
+                "OffloadOperatorReady",
+                "offload-operator serves this site's virtual node",
+            ),
+            condition(
+                REACHABLE_CONDITION,
+                if ok { "True" } else { "False" },
+                reason,
+                message,
+            ),
+            condition("MemoryPressure", "False", "OffloadOperatorReady", "remote site"),
+            condition("DiskPressure", "False", "OffloadOperatorReady", "remote site"),
+            condition("PIDPressure", "False", "OffloadOperatorReady", "remote site"),
+            condition(
+                "NetworkUnavailable",
+                "False",
+                "OffloadOperatorReady",
+                "remote site",
+            ),
+        ]),
+        addresses: Some(vec![
+            NodeAddress {
+                type_: "InternalIP".into(),
+                address: endpoint.address.clone(),
+            },
+            NodeAddress {
+                type_: "Hostname".into(),
+                address: node_name(site.metadata.name.as_deref().unwrap_or_default()),
+            },
+        ]),
+        daemon_endpoints: Some(NodeDaemonEndpoints {
+            kubelet_endpoint: Some(DaemonEndpoint { port: endpoint.port }),
+        }),
+        node_info: Some(NodeSystemInfo {
+            architecture: serde_json::to_value(site.spec.architecture)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            operating_system: "linux".into(),
+            kubelet_version: concat!("offload-operator/v", env!("CARGO_PKG_VERSION")).into(),
+            kube_proxy_version: String::new(),
+            container_runtime_version: "interlink://".into(),
+            os_image: format!("{:?} site via interLink", site.spec.kind),
+            kernel_version: String::new(),
+            machine_id: site.metadata.uid.clone().unwrap_or_default(),
+            system_uuid: site.metadata.uid.clone().unwrap_or_default(),
+            boot_id: String::new(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interlink::wire::{PingAccelerator, PingResources, PingTaint};
+
+    fn site() -> OffloadSite {
+        let mut s: OffloadSite = serde_json::from_value(serde_json::json!({
+            "apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
+            "metadata": {"name": "hpc", "uid": "u-1"},
+            "spec": {"endpoint": "https://x", "namespaceSelector": {},
+                     "capacity": {"cpu": "32", "memory": "128Gi", "pods": 100,
+                                  "gpus": [{"model": "A100", "count": 4}, {"model": "H100", "count": 2}]},
+                     "node": {"labels": {"offload.dev/site": "spoofed", "team": "ml"},
+                              "taints": [{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}]}}
+        }))
+        .expect("site");
+        s.metadata.name = Some("hpc".into());
+        s
+    }
+
+    #[test]
+    fn labels_taints_and_owner() {
+        let node = desired_node(&site(), None, true);
+        let labels = node.metadata.labels.expect("labels");
+        assert_eq!(labels["offload.dev/site"], "hpc", "the operator's label wins");
+        assert_eq!(labels["team"], "ml");
+        assert_eq!(labels["nvidia-gpu-type"], "H100");
+        let taints = node.spec.and_then(|s| s.taints).expect("taints");
+        let keys: Vec<&str> = taints.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(keys, ["offload.dev/site", INTERLINK_TAINT, "dedicated"]);
+        assert_eq!(node.metadata.owner_references.expect("owner")[0].uid, "u-1");
+    }
+
+    #[test]
+    fn unreachable_sites_get_a_noschedule_taint_only() {
+        let node = desired_node(&site(), None, false);
+        let taints = node.spec.and_then(|s| s.taints).expect("taints");
+        let t = taints
+            .iter()
+            .find(|t| t.key == UNREACHABLE_TAINT)
+            .expect("unreachable taint");
+        assert_eq!(t.effect, "NoSchedule", "never NoExecute: running pods stay");
+    }
+
+    #[test]
+    fn ping_taints_replace_configured_ones() {
+        let ping = PingResponse {
+            taints: Some(vec![PingTaint {
+                key: "maintenance".into(),
+                value: None,
+                effect: "Bogus".into(),
+            }]),
+            ..Default::default()
+        };
+        let taints = desired_node(&site(), Some(&ping), true)
+            .spec
+            .and_then(|s| s.taints)
+            .expect("taints");
+        let keys: Vec<&str> = taints.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(keys, ["offload.dev/site", INTERLINK_TAINT, "maintenance"]);
+        assert_eq!(
+            taints[2].effect, "NoSchedule",
+            "unknown effects default to NoSchedule"
+        );
+    }
+
+    #[test]
+    fn capacity_is_declared_then_pinged_and_zero_is_ignored() {
+        let c = capacity(&site(), None);
+        assert_eq!(c["cpu"].0, "32");
+        assert_eq!(c["nvidia.com/gpu"].0, "6", "GPUs summed by resource name");
+        let ping = PingResponse {
+            resources: Some(PingResources {
+                cpu: Some(Quantity("64".into())),
+                memory: Some(Quantity("0".into())),
+                pods: None,
+                accelerators: vec![PingAccelerator {
+                    resource_type: "nvidia.com/gpu".into(),
+                    available: Some(Quantity("8".into())),
+                    model: None,
+                }],
+            }),
+            ..Default::default()
+        };
+        let c = capacity(&site(), Some(&ping));
+        assert_eq!(c["cpu"].0, "64");
+        assert_eq!(c["memory"].0, "128Gi", "a 0 from the site is ignored");
+        assert_eq!(c["nvidia.com/gpu"].0, "8");
+        assert_eq!(c["pods"].0, "100");
+    }
+}

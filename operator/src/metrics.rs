@@ -1,0 +1,82 @@
+//! Prometheus metrics (`offload_` prefix), served on `/metrics`. Labels never carry a pod or any
+//! other per-object name except the site, whose number is small.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// 1 when the site answers its health check, else 0.
+    pub site_up: IntGaugeVec,
+    /// Ping round-trip time.
+    pub probe_latency: HistogramVec,
+    /// Requests to sites by site, operation and result (`ok` or an error reason).
+    pub site_requests: IntCounterVec,
+    /// Reconciliations by controller and result.
+    pub reconciles: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers the metrics. Fails only on a programming error (duplicate names).
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let site_up = IntGaugeVec::new(
+            Opts::new(
+                "offload_site_up",
+                "1 when the site answers its health check, else 0",
+            ),
+            &["site"],
+        )?;
+        let probe_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "offload_site_probe_latency_seconds",
+                "Round-trip time of the site's ping",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["site"],
+        )?;
+        let site_requests = IntCounterVec::new(
+            Opts::new(
+                "offload_site_requests_total",
+                "Requests to sites, by operation and result",
+            ),
+            &["site", "operation", "result"],
+        )?;
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "offload_reconciles_total",
+                "Reconciliations, by controller and result",
+            ),
+            &["controller", "result"],
+        )?;
+        registry.register(Box::new(site_up.clone()))?;
+        registry.register(Box::new(probe_latency.clone()))?;
+        registry.register(Box::new(site_requests.clone()))?;
+        registry.register(Box::new(reconciles.clone()))?;
+        Ok(Metrics {
+            registry,
+            site_up,
+            probe_latency,
+            site_requests,
+            reconciles,
+        })
+    }
+
+    /// Forgets a deleted site's series.
+    pub fn forget_site(&self, site: &str) {
+        let _ = self.site_up.remove_label_values(&[site]);
+        let _ = self.probe_latency.remove_label_values(&[site]);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
