@@ -23,8 +23,8 @@ lint: ## clippy on every target, warnings are errors
 unit: ## unit tests (no cluster needed)
 	$(CARGO) test --workspace --lib --bins
 
-build: ## build the operator binary
-	$(CARGO) build -p offload-operator
+build: ## build the operator and the site simulator
+	$(CARGO) build -p offload-operator -p offload-e2e --bins
 
 crds: build ## regenerate crds/ from the Rust types (a unit test fails when they are stale)
 	$${CARGO_TARGET_DIR:-target}/debug/offload-operator crds --out-dir crds
@@ -37,7 +37,7 @@ control-plane: ## build (once) the Kubernetes control-plane binaries into the ca
 e2e: control-plane build ## end-to-end tests against a real control plane started for the run
 	@dir=$$(mktemp -d /tmp/offload-e2e-make.XXXXXX); \
 	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
-	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
+	E2E_FAST_NODE_LIFECYCLE=1 $(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
 	OFFLOAD_E2E_CLUSTER="$$dir" $(CARGO) test -p offload-e2e --tests -- $(E2E_ARGS)
 
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path

@@ -35,6 +35,10 @@ pub struct Cluster {
     pub bin: PathBuf,
     /// `https://127.0.0.1:<port>` of the API server.
     pub api_url: String,
+    /// kube-controller-manager's `--node-monitor-grace-period`, in seconds.
+    pub node_grace_seconds: u64,
+    /// Default not-ready/unreachable toleration of pods, in seconds.
+    pub toleration_seconds: u64,
 }
 
 static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
@@ -64,6 +68,7 @@ impl Cluster {
             .arg("--owner-pid")
             .arg(std::process::id().to_string())
             .arg(&dir)
+            .env("E2E_FAST_NODE_LIFECYCLE", "1")
             .stderr(std::process::Stdio::inherit())
             .output()
             .with_context(|| format!("running {}", script.display()))?;
@@ -98,6 +103,14 @@ impl Cluster {
             operator_kubeconfig: get("OPERATOR_KUBECONFIG")?.into(),
             bin: get("BIN")?.into(),
             api_url: get("API_URL")?,
+            node_grace_seconds: get("NODE_GRACE_SECONDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50),
+            toleration_seconds: get("TOLERATION_SECONDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300),
         })
     }
 

@@ -88,6 +88,11 @@ impl Operator {
     /// Starts the operator with the operator identity, `namespace` as its namespace, managing only
     /// sites labelled `offload.dev/e2e-test=<namespace>`; waits until `/readyz` answers 200.
     pub async fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Operator> {
+        Self::start_with(cluster, namespace, &[]).await
+    }
+
+    /// [`Operator::start`] with extra command-line arguments.
+    pub async fn start_with(cluster: &Cluster, namespace: &str, extra: &[&str]) -> anyhow::Result<Operator> {
         install_crds(cluster).await?;
         install_rbac(cluster, namespace)?;
         let port = free_port()?;
@@ -104,6 +109,7 @@ impl Operator {
                 &format!("127.0.0.1:{port}"),
             ])
             .args(["--site-selector", &format!("{TEST_LABEL}={namespace}")])
+            .args(extra)
             .env("RUST_LOG", "info,offload_operator=debug")
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
@@ -131,6 +137,11 @@ impl Operator {
             anyhow::bail!("{e}\n{}", op.log_tail(60));
         }
         Ok(op)
+    }
+
+    /// Stops it at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// The last lines of its log.

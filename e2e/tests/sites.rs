@@ -343,3 +343,188 @@ async fn missing_token_secret_is_reported_then_fixed() {
     })
     .await;
 }
+
+/// An unreachable site never gets its pods evicted: the operator keeps the Node's Lease fresh, so
+/// kube-controller-manager keeps the Node Ready for twice its eviction timeout and longer. The same
+/// test then kills the operator and sees kube-controller-manager evict the pod, which proves the
+/// short timeouts of the test cluster are in force (so the first half could have failed).
+#[tokio::test]
+async fn pods_of_an_unreachable_site_are_not_evicted() {
+    TestNamespace::run("sites-no-eviction", |t| async move {
+        let mut op = Operator::start_with(t.cluster, &t.name, &["--node-lease-renew-seconds", "2"]).await?;
+        let s = sim(|_| {}).await;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-hpc", t.name);
+        sites
+            .create(&PostParams::default(), &site(&t.name, &name, &s.url, json!({})))
+            .await?;
+        let node = format!("offload-{name}");
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async {
+            sas.get_opt("default").await
+        })
+        .await?;
+        let evict_after = Duration::from_secs(t.cluster.node_grace_seconds + t.cluster.toleration_seconds);
+        // kube-controller-manager stops evicting when every node of a zone is unhealthy (it assumes
+        // a partition), so two healthy peer nodes keep the zone "normal" and eviction possible.
+        let peers: Vec<String> = (1..=2).map(|i| format!("{}-peer-{i}", t.name)).collect();
+        let keeper = tokio::spawn(keep_nodes_healthy(t.client.clone(), peers.clone()));
+        let result = async {
+            wait_ready(&sites, &name, true).await?;
+            let pod = serde_json::from_value(json!({
+                "metadata": {"name": "long-job"},
+                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}
+            }))?;
+            pods.create(&PostParams::default(), &pod).await?;
+            s.go_down(Duration::from_secs(600));
+            wait_ready(&sites, &name, false).await?;
+            tokio::time::sleep(evict_after * 2).await;
+            let p = pods.get("long-job").await?;
+            ensure!(
+                p.metadata.deletion_timestamp.is_none(),
+                "evicted after {:?}",
+                evict_after * 2
+            );
+            let nodes: Api<Node> = Api::all(t.client.clone());
+            let n = nodes.get(&node).await?;
+            let taints = n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+            ensure!(
+                taints.iter().all(|t| t.effect != "NoExecute"),
+                "no NoExecute taint: {taints:?}"
+            );
+
+            // Negative control: without the operator the lease expires and the pod is evicted.
+            op.kill().await;
+            wait::until(
+                "eviction once nobody renews the lease",
+                evict_after * 3,
+                || async {
+                    let p = pods.get_opt("long-job").await?;
+                    Ok::<_, kube::Error>(
+                        p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+                            .then_some(()),
+                    )
+                },
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        // A fresh operator finishes the cleanup (the site's finalizer needs one); the pod's
+        // deletion is completed by hand, as no execution controller exists yet.
+        let op = Operator::start_with(t.cluster, &t.name, &["--node-lease-renew-seconds", "2"]).await?;
+        let _ = pods
+            .delete("long-job", &DeleteParams::default().grace_period(0))
+            .await;
+        delete_sites(&sites, &[&name]).await?;
+        keeper.abort();
+        let nodes: Api<Node> = Api::all(t.client.clone());
+        for p in &peers {
+            let _ = nodes.delete(p, &DeleteParams::default()).await;
+        }
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(40)))
+    })
+    .await;
+}
+
+/// Plays the kubelet of plain nodes: Ready status and a fresh Lease every second.
+async fn keep_nodes_healthy(client: kube::Client, names: Vec<String>) {
+    use kube::api::{Patch, PatchParams};
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    let pp = PatchParams::apply("e2e-peer").force();
+    loop {
+        let now = jiff::Timestamp::now().to_string();
+        for n in &names {
+            let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}});
+            let _ = nodes.patch(n, &pp, &Patch::Apply(&node)).await;
+            let status = json!({"apiVersion": "v1", "kind": "Node", "status": {"conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "e2e peer",
+                "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+            let _ = nodes.patch_status(n, &pp, &Patch::Apply(&status)).await;
+            let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": n},
+                "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}});
+            let _ = leases.patch(n, &pp, &Patch::Apply(&lease)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Deleting a site with a pod on it (ADR 0002): the pod is deleted first (its remote job is then
+/// cancelled by the execution controller), the site waits for it, then its Node goes.
+#[tokio::test]
+async fn deleting_a_site_drains_its_pods_then_removes_its_node() {
+    TestNamespace::run("sites-delete", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let s = sim(|_| {}).await;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-old", t.name);
+        sites
+            .create(&PostParams::default(), &site(&t.name, &name, &s.url, json!({})))
+            .await?;
+        let node = format!("offload-{name}");
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async {
+            sas.get_opt("default").await
+        })
+        .await?;
+        let result = async {
+            wait_ready(&sites, &name, true).await?;
+            let pod = serde_json::from_value(json!({
+                "metadata": {"name": "still-running"},
+                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}
+            }))?;
+            pods.create(&PostParams::default(), &pod).await?;
+            sites.delete(&name, &DeleteParams::default()).await?;
+            wait::until("the pod to be deleted by the operator", TIMEOUT, || async {
+                let p = pods.get("still-running").await?;
+                Ok::<_, kube::Error>(p.metadata.deletion_timestamp.map(|_| ()))
+            })
+            .await?;
+            let events: Api<Event> = Api::all(t.client.clone());
+            wait::until("a Draining Event", TIMEOUT, || async {
+                let list = events
+                    .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+                    .await?;
+                Ok::<_, kube::Error>(
+                    list.items
+                        .iter()
+                        .any(|e| e.reason.as_deref() == Some("Draining"))
+                        .then_some(()),
+                )
+            })
+            .await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            ensure!(
+                sites.get_opt(&name).await?.is_some(),
+                "the site waits for its pods"
+            );
+            let nodes: Api<Node> = Api::all(t.client.clone());
+            ensure!(
+                nodes.get_opt(&node).await?.is_some(),
+                "the node stays while pods remain"
+            );
+            // What the execution controller does once the remote job is cancelled.
+            pods.delete("still-running", &DeleteParams::default().grace_period(0))
+                .await?;
+            wait::until("the site to be gone", TIMEOUT, || async {
+                Ok::<_, kube::Error>(sites.get_opt(&name).await?.is_none().then_some(()))
+            })
+            .await?;
+            ensure!(
+                nodes.get_opt(&node).await?.is_none(),
+                "the node is removed with the site"
+            );
+            Ok(())
+        }
+        .await;
+        let _ = pods
+            .delete("still-running", &DeleteParams::default().grace_period(0))
+            .await;
+        delete_sites(&sites, &[&name]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(40)))
+    })
+    .await;
+}

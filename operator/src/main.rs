@@ -58,6 +58,9 @@ struct RunArgs {
     /// Only manage OffloadSites matching this label selector (sharding, tests).
     #[arg(long)]
     site_selector: Option<String>,
+    /// Seconds between node lease renewals (a kubelet's default is 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=30))]
+    node_lease_renew_seconds: u64,
 }
 
 #[tokio::main]
@@ -133,6 +136,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
             port: args.kubelet_port,
         },
         site_selector: args.site_selector,
+        lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
     };
     controller::site::run(client, metrics, settings, move || health.set_ready()).await;
     tracing::info!("shutting down");

@@ -16,12 +16,12 @@ use kube::{
 use super::node::node_name;
 use crate::crd::OffloadSite;
 
-/// Seconds a lease is valid; renewed every `RENEW` (a kubelet uses 40 s and 10 s).
+/// Seconds a lease is valid (as a kubelet's); it is renewed every `--node-lease-renew-seconds`
+/// (default 10 s, as a kubelet).
 pub const DURATION_SECONDS: i32 = 40;
-const RENEW: Duration = Duration::from_secs(10);
 
-/// Renews the leases of every site in the store, forever.
-pub async fn renew_forever(client: Client, sites: Store<OffloadSite>) {
+/// Renews the leases of every site in the store every `every`, forever.
+pub async fn renew_forever(client: Client, sites: Store<OffloadSite>, every: Duration) {
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     loop {
         for site in sites.state() {
@@ -33,7 +33,7 @@ pub async fn renew_forever(client: Client, sites: Store<OffloadSite>) {
                 tracing::warn!(node = %name, error = %e, "cannot renew the node lease");
             }
         }
-        tokio::time::sleep(RENEW).await;
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Settings {
     pub kubelet: node::KubeletEndpoint,
     /// Only sites with these labels (a label selector), for sharding or tests.
     pub site_selector: Option<String>,
+    /// How often node leases are renewed; must be well below kube-controller-manager's
+    /// `--node-monitor-grace-period`.
+    pub lease_renew: std::time::Duration,
 }
 
 /// What every reconciliation shares.

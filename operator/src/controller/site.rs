@@ -95,7 +95,11 @@ pub async fn run(client: Client, metrics: Metrics, settings: Settings, ready: im
         settings,
         sites: Default::default(),
     });
-    tokio::spawn(super::lease::renew_forever(client.clone(), store.clone()));
+    tokio::spawn(super::lease::renew_forever(
+        client.clone(),
+        store.clone(),
+        ctx.settings.lease_renew,
+    ));
     let (s1, s2) = (store.clone(), store.clone());
     let refs = move |store: &kube::runtime::reflector::Store<OffloadSite>, name: String| {
         store
