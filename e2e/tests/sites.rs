@@ -187,6 +187,24 @@ async fn sites_become_ready_with_nodes_capacity_and_leases() {
                 "{ready:?}"
             );
 
+            // Cordoning the site cordons its node; uncordoning undoes it.
+            let cordon = |on: bool| json!({"spec": {"cordoned": on}});
+            for on in [true, false] {
+                sites
+                    .patch(
+                        &a,
+                        &kube::api::PatchParams::default(),
+                        &kube::api::Patch::Merge(&cordon(on)),
+                    )
+                    .await?;
+                wait::until(&format!("node unschedulable={on}"), TIMEOUT, || async {
+                    let n = nodes.get(&format!("offload-{a}")).await?;
+                    let u = n.spec.and_then(|s| s.unschedulable).unwrap_or(false);
+                    Ok::<_, kube::Error>((u == on).then_some(()))
+                })
+                .await?;
+            }
+
             // Metrics and Events.
             let metrics = op.get("/metrics").await?;
             ensure!(

@@ -116,6 +116,9 @@ pub fn desired_node(site: &OffloadSite, ping: Option<&PingResponse>, reachable: 
         spec: Some(NodeSpec {
             provider_id: Some(format!("offload://{name}")),
             taints: Some(taints),
+            // `cordoned` is a cordon: kube-scheduler (interLink-style pods) and the offload
+            // scheduler place nothing new here; pods already here are left alone.
+            unschedulable: Some(spec.cordoned),
             ..Default::default()
         }),
         status: None,
@@ -291,6 +294,22 @@ mod tests {
         let keys: Vec<&str> = taints.iter().map(|t| t.key.as_str()).collect();
         assert_eq!(keys, ["offload.dev/site", INTERLINK_TAINT, "dedicated"]);
         assert_eq!(node.metadata.owner_references.expect("owner")[0].uid, "u-1");
+    }
+
+    #[test]
+    fn a_cordoned_site_is_a_cordoned_node() {
+        assert_eq!(
+            desired_node(&site(), None, true)
+                .spec
+                .and_then(|s| s.unschedulable),
+            Some(false)
+        );
+        let mut s = site();
+        s.spec.cordoned = true;
+        assert_eq!(
+            desired_node(&s, None, true).spec.and_then(|s| s.unschedulable),
+            Some(true)
+        );
     }
 
     #[test]
