@@ -9,6 +9,7 @@ pub mod crd;
 pub mod interlink;
 pub mod kubeclient;
 pub mod metrics;
+pub mod placement;
 pub mod server;
 pub mod telemetry;
 

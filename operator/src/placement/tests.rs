@@ -1,0 +1,524 @@
+//! Table-driven tests of every filter, score and strategy, and property tests of the engine.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use proptest::{prelude::*, strategy::Strategy as _};
+
+use super::{engine::filter, *};
+use crate::crd::{
+    Architecture, SiteKind,
+    policy::{Requirements, Strategy, Weights},
+};
+
+const GI: i64 = 1 << 30;
+
+fn res(cpu: i64, mem_gi: i64, pods: i64, gpus: &[(&str, i64)]) -> Resources {
+    Resources {
+        cpu_milli: cpu * 1000,
+        memory_bytes: mem_gi * GI,
+        pods,
+        gpus: gpus.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+    }
+}
+
+fn site(name: &str) -> SiteSnapshot {
+    SiteSnapshot {
+        name: name.into(),
+        labels: BTreeMap::new(),
+        kind: SiteKind::Hpc,
+        architecture: Architecture::Amd64,
+        ready: true,
+        cordoned: false,
+        namespace_selector: LabelSelector::default(),
+        relative_cost: 100,
+        max_concurrent_pods: None,
+        active_pods: 0,
+        policy_pods: 0,
+        capacity: res(100, 400, 100, &[]),
+        free: res(100, 400, 100, &[]),
+        gpus: Vec::new(),
+        expected_wait_seconds: 0,
+    }
+}
+
+fn gpu_site(name: &str, model: &str, count: i64, mem_gi: i64) -> SiteSnapshot {
+    let mut s = site(name);
+    s.capacity.gpus.insert("nvidia.com/gpu".into(), count);
+    s.free.gpus.insert("nvidia.com/gpu".into(), count);
+    s.gpus = vec![GpuOffer {
+        resource: "nvidia.com/gpu".into(),
+        model: model.into(),
+        memory_bytes: Some(mem_gi * GI),
+    }];
+    s
+}
+
+fn pod(cpu: i64, mem_gi: i64, gpus: i64) -> PodNeeds {
+    let g: &[(&str, i64)] = if gpus > 0 {
+        &[("nvidia.com/gpu", gpus)]
+    } else {
+        &[]
+    };
+    PodNeeds {
+        namespace: "team".into(),
+        requests: res(cpu, mem_gi, 1, g),
+        ..Default::default()
+    }
+}
+
+fn policy() -> PolicyView {
+    PolicyView {
+        name: "p".into(),
+        ..Default::default()
+    }
+}
+
+/// Every filter, each in isolation: (what is changed, the rejection expected).
+#[test]
+fn each_filter_rejects_with_its_reason() {
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&mut PodNeeds, &mut PolicyView, &mut SiteSnapshot)>,
+        Rejection,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "pinned elsewhere",
+            Box::new(|p, _, _| p.pinned_site = Some("other".into())),
+            Rejection::NotPinned,
+        ),
+        (
+            "not in the policy's list",
+            Box::new(|_, pol, _| pol.sites = vec!["other".into()]),
+            Rejection::NotSelectedByPolicy,
+        ),
+        (
+            "not matched by the policy's selector",
+            Box::new(|_, pol, _| {
+                pol.site_selector = Some(LabelSelector {
+                    match_labels: Some([("region".to_string(), "eu".to_string())].into()),
+                    ..Default::default()
+                })
+            }),
+            Rejection::NotSelectedByPolicy,
+        ),
+        (
+            "not ready",
+            Box::new(|_, _, s| s.ready = false),
+            Rejection::NotReady,
+        ),
+        (
+            "cordoned",
+            Box::new(|_, _, s| s.cordoned = true),
+            Rejection::Cordoned,
+        ),
+        (
+            "namespace not allowed",
+            Box::new(|_, _, s| {
+                s.namespace_selector = LabelSelector {
+                    match_labels: Some([("hpc".to_string(), "yes".to_string())].into()),
+                    ..Default::default()
+                }
+            }),
+            Rejection::NamespaceNotAllowed,
+        ),
+        (
+            "kind",
+            Box::new(|_, pol, _| pol.requirements.site_kinds = vec![SiteKind::Cloud]),
+            Rejection::KindNotAllowed,
+        ),
+        (
+            "architecture",
+            Box::new(|_, pol, _| pol.requirements.architectures = vec![Architecture::Arm64]),
+            Rejection::ArchitectureNotAllowed,
+        ),
+        (
+            "queue too long",
+            Box::new(|_, pol, s| {
+                s.expected_wait_seconds = 7200;
+                pol.requirements.max_queue_wait_seconds = Some(3600);
+            }),
+            Rejection::QueueTooLong {
+                expected: 7200,
+                max: 3600,
+            },
+        ),
+        (
+            "concurrency limit",
+            Box::new(|_, _, s| {
+                s.max_concurrent_pods = Some(5);
+                s.active_pods = 5;
+            }),
+            Rejection::ConcurrencyLimit { limit: 5 },
+        ),
+        (
+            "no pod slot",
+            Box::new(|_, _, s| s.free.pods = 0),
+            Rejection::Insufficient {
+                resource: "pods".into(),
+                needed: 1,
+                free: 0,
+            },
+        ),
+        (
+            "cpu",
+            Box::new(|p, _, _| p.requests.cpu_milli = 200_000),
+            Rejection::Insufficient {
+                resource: "cpu".into(),
+                needed: 200_000,
+                free: 100_000,
+            },
+        ),
+        (
+            "memory",
+            Box::new(|p, _, _| p.requests.memory_bytes = 500 * GI),
+            Rejection::Insufficient {
+                resource: "memory".into(),
+                needed: 500 * GI,
+                free: 400 * GI,
+            },
+        ),
+        (
+            "no GPUs at all",
+            Box::new(|p, _, _| {
+                p.requests.gpus.insert("nvidia.com/gpu".into(), 1);
+            }),
+            Rejection::NoAllowedGpuModel {
+                resource: "nvidia.com/gpu".into(),
+            },
+        ),
+        (
+            "GPU model not allowed",
+            Box::new(|p, pol, s| {
+                *s = gpu_site("s", "L4", 8, 24);
+                p.requests.gpus.insert("nvidia.com/gpu".into(), 1);
+                pol.requirements.gpu_models = vec!["A100".into()];
+            }),
+            Rejection::NoAllowedGpuModel {
+                resource: "nvidia.com/gpu".into(),
+            },
+        ),
+        (
+            "GPU memory too small",
+            Box::new(|p, pol, s| {
+                *s = gpu_site("s", "A100", 8, 40);
+                p.requests.gpus.insert("nvidia.com/gpu".into(), 1);
+                pol.min_gpu_memory_bytes = Some(80 * GI);
+            }),
+            Rejection::GpuMemoryTooSmall {
+                resource: "nvidia.com/gpu".into(),
+            },
+        ),
+        (
+            "not enough GPUs",
+            Box::new(|p, _, s| {
+                *s = gpu_site("s", "A100", 8, 80);
+                p.requests.gpus.insert("nvidia.com/gpu".into(), 16);
+            }),
+            Rejection::Insufficient {
+                resource: "nvidia.com/gpu".into(),
+                needed: 16,
+                free: 8,
+            },
+        ),
+    ];
+    for (what, change, expected) in cases {
+        let (mut p, mut pol, mut s) = (pod(1, 1, 0), policy(), site("s"));
+        assert_eq!(filter(&p, &pol, &s, &[]), None, "{what}: the baseline fits");
+        change(&mut p, &mut pol, &mut s);
+        assert_eq!(filter(&p, &pol, &s, &[]), Some(expected.clone()), "{what}");
+        let d = place(&p, &pol, std::slice::from_ref(&s), &[]);
+        assert_eq!(d.chosen, None, "{what}");
+        assert_eq!(d.rejected.get("s"), Some(&expected), "{what}");
+    }
+    assert_eq!(
+        filter(&pod(1, 1, 0), &policy(), &site("s"), &["s".into()]),
+        Some(Rejection::Excluded)
+    );
+}
+
+#[test]
+fn a_pinned_site_bypasses_the_candidate_list_not_the_requirements() {
+    let mut p = pod(1, 1, 0);
+    p.pinned_site = Some("s".into());
+    let mut pol = policy();
+    pol.sites = vec!["other".into()];
+    assert_eq!(filter(&p, &pol, &site("s"), &[]), None);
+    pol.requirements.site_kinds = vec![SiteKind::Cloud];
+    assert_eq!(filter(&p, &pol, &site("s"), &[]), Some(Rejection::KindNotAllowed));
+}
+
+#[test]
+fn scores_are_normalised_and_weighted() {
+    let mut fast = site("fast");
+    fast.expected_wait_seconds = 60;
+    fast.relative_cost = 300;
+    let mut cheap = site("cheap");
+    cheap.expected_wait_seconds = 3600;
+    cheap.relative_cost = 10;
+    let sites = [fast, cheap];
+    let only = |q: i32, c: i32| PolicyView {
+        weights: Weights {
+            queue_time: q,
+            cost: c,
+            free_capacity: 0,
+            gpu_fit: 0,
+        },
+        ..policy()
+    };
+    let d = place(&pod(1, 1, 0), &only(100, 0), &sites, &[]);
+    assert_eq!(d.chosen.as_deref(), Some("fast"));
+    assert_eq!((d.ranking[0].queue, d.ranking[1].queue), (1000, 0));
+    let d = place(&pod(1, 1, 0), &only(0, 100), &sites, &[]);
+    assert_eq!(d.chosen.as_deref(), Some("cheap"));
+    assert_eq!(d.ranking[0].cost, 1000);
+    assert_eq!(d.ranking[0].score, 100 * 1000);
+}
+
+#[test]
+fn free_capacity_prefers_the_emptier_site() {
+    let mut busy = site("busy");
+    busy.free = res(10, 40, 10, &[]);
+    let idle = site("idle");
+    let pol = PolicyView {
+        weights: Weights {
+            queue_time: 0,
+            cost: 0,
+            free_capacity: 100,
+            gpu_fit: 0,
+        },
+        ..policy()
+    };
+    let d = place(&pod(2, 4, 0), &pol, &[busy, idle], &[]);
+    assert_eq!(d.chosen.as_deref(), Some("idle"));
+    assert_eq!(
+        d.ranking[0].free_capacity, 985,
+        "(100-2)/100 cpu and (400-4)/400 memory"
+    );
+}
+
+#[test]
+fn gpu_fit_prefers_least_waste_and_keeps_gpu_sites_for_gpu_work() {
+    let big = gpu_site("big", "A100", 64, 80);
+    let small = gpu_site("small", "A100", 4, 80);
+    let cpu = site("cpu");
+    let pol = PolicyView {
+        weights: Weights {
+            queue_time: 0,
+            cost: 0,
+            free_capacity: 0,
+            gpu_fit: 100,
+        },
+        ..policy()
+    };
+    let d = place(
+        &pod(1, 1, 4),
+        &pol,
+        &[big.clone(), small.clone(), cpu.clone()],
+        &[],
+    );
+    assert_eq!(
+        d.chosen.as_deref(),
+        Some("small"),
+        "4 of 4 free GPUs used: no waste"
+    );
+    assert_eq!(
+        d.rejected.get("cpu"),
+        Some(&Rejection::NoAllowedGpuModel {
+            resource: "nvidia.com/gpu".into()
+        })
+    );
+    let d = place(&pod(1, 1, 0), &pol, &[big, small, cpu], &[]);
+    assert_eq!(d.chosen.as_deref(), Some("cpu"), "CPU work avoids GPU sites");
+}
+
+#[test]
+fn ties_break_by_site_name() {
+    let d = place(
+        &pod(1, 1, 0),
+        &policy(),
+        &[site("zeta"), site("alpha"), site("mid")],
+        &[],
+    );
+    assert_eq!(d.chosen.as_deref(), Some("alpha"));
+    let names: Vec<&str> = d.ranking.iter().map(|r| r.site.as_str()).collect();
+    assert_eq!(names, ["alpha", "mid", "zeta"]);
+}
+
+#[test]
+fn spread_prefers_the_site_with_fewest_pods_of_the_policy() {
+    let mut a = site("a");
+    a.policy_pods = 5;
+    a.relative_cost = 1;
+    let b = site("b");
+    let pol = PolicyView {
+        strategy: Strategy::Spread,
+        ..policy()
+    };
+    assert_eq!(
+        place(&pod(1, 1, 0), &pol, &[a, b], &[]).chosen.as_deref(),
+        Some("b")
+    );
+}
+
+#[test]
+fn ordered_fallback_takes_the_first_feasible_site_in_order() {
+    let mut first = site("first");
+    first.free.pods = 0;
+    let mut cheapest = site("cheapest");
+    cheapest.relative_cost = 1;
+    let pol = PolicyView {
+        strategy: Strategy::OrderedFallback,
+        sites: vec!["first".into(), "second".into(), "cheapest".into()],
+        ..policy()
+    };
+    let d = place(&pod(1, 1, 0), &pol, &[first, site("second"), cheapest], &[]);
+    assert_eq!(
+        d.chosen.as_deref(),
+        Some("second"),
+        "first is full; order beats cost"
+    );
+    assert!(matches!(
+        d.rejected.get("first"),
+        Some(Rejection::Insufficient { .. })
+    ));
+    assert_eq!(
+        d.ranking.iter().map(|r| r.site.as_str()).collect::<Vec<_>>(),
+        ["second", "cheapest"]
+    );
+}
+
+#[test]
+fn the_explanation_names_every_rejected_site() {
+    let mut down = site("down");
+    down.ready = false;
+    let mut gpu = gpu_site("gpu", "A100", 8, 80);
+    gpu.cordoned = true;
+    let d = place(&pod(1, 1, 16), &policy(), &[down, gpu, site("cpu")], &[]);
+    assert_eq!(d.chosen, None);
+    let summary = d.rejection_summary();
+    assert_eq!(
+        summary,
+        "cpu: no allowed GPU model for nvidia.com/gpu; down: site not ready; gpu: site cordoned"
+    );
+}
+
+// ---------- property tests ----------
+
+fn arb_site(i: usize) -> impl proptest::strategy::Strategy<Value = SiteSnapshot> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        0i64..500,
+        0i64..8,
+        0i64..64,
+        0i64..20,
+        0i64..7200,
+        1i64..300,
+        prop::option::of(1i64..10),
+    )
+        .prop_map(
+            move |(ready, cordoned, cost, cpu, mem, gpus, wait, pods, limit)| {
+                let mut s = if gpus > 0 {
+                    gpu_site(&format!("site-{i}"), "A100", gpus, 80)
+                } else {
+                    site(&format!("site-{i}"))
+                };
+                s.ready = ready || i.is_multiple_of(2);
+                s.cordoned = cordoned && i.is_multiple_of(3);
+                s.relative_cost = cost;
+                s.capacity = res(cpu * 4, mem * 4, pods, &[("nvidia.com/gpu", gpus)]);
+                s.free = res(cpu, mem, pods, &[("nvidia.com/gpu", gpus)]);
+                s.expected_wait_seconds = wait;
+                s.max_concurrent_pods = limit;
+                s
+            },
+        )
+}
+
+fn arb_sites() -> impl proptest::strategy::Strategy<Value = Vec<SiteSnapshot>> {
+    (1usize..8).prop_flat_map(|n| (0..n).map(arb_site).collect::<Vec<_>>())
+}
+
+fn arb_pod() -> impl proptest::strategy::Strategy<Value = PodNeeds> {
+    (0i64..4, 0i64..16, 0i64..4).prop_map(|(c, m, g)| pod(c, m, g))
+}
+
+fn arb_policy() -> impl proptest::strategy::Strategy<Value = PolicyView> {
+    (
+        0i32..100,
+        0i32..100,
+        0i32..100,
+        0i32..100,
+        0usize..3,
+        prop::option::of(0i32..7200),
+    )
+        .prop_map(|(q, c, f, g, s, max)| PolicyView {
+            weights: Weights {
+                queue_time: q,
+                cost: c,
+                free_capacity: f,
+                gpu_fit: g,
+            },
+            strategy: [Strategy::BestScore, Strategy::Spread, Strategy::BestScore][s],
+            requirements: Requirements {
+                max_queue_wait_seconds: max,
+                ..Default::default()
+            },
+            ..policy()
+        })
+}
+
+proptest! {
+    #[test]
+    fn never_picks_a_site_that_fails_a_filter(p in arb_pod(), pol in arb_policy(), sites in arb_sites()) {
+        let d = place(&p, &pol, &sites, &[]);
+        if let Some(chosen) = &d.chosen {
+            let s = sites.iter().find(|s| &s.name == chosen).expect("chosen site exists");
+            prop_assert_eq!(filter(&p, &pol, s, &[]), None);
+        }
+        for s in &sites {
+            let rejected = d.rejected.contains_key(&s.name);
+            prop_assert_eq!(rejected, filter(&p, &pol, s, &[]).is_some());
+        }
+        prop_assert_eq!(d.rejected.len() + d.ranking.len(), sites.len());
+    }
+
+    #[test]
+    fn is_deterministic_and_ignores_input_order(p in arb_pod(), pol in arb_policy(), sites in arb_sites()) {
+        let a = place(&p, &pol, &sites, &[]);
+        let mut reversed = sites.clone();
+        reversed.reverse();
+        let b = place(&p, &pol, &reversed, &[]);
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(a, place(&p, &pol, &sites, &[]));
+    }
+
+    /// The scheduler subtracts each placed pod from the snapshot (its reservation); over any
+    /// sequence of decisions no site ends up with more placed than it had free.
+    #[test]
+    fn never_overcommits_over_a_sequence(pods in prop::collection::vec(arb_pod(), 1..60), pol in arb_policy(), sites in arb_sites()) {
+        let mut snapshot = sites.clone();
+        for p in &pods {
+            let d = place(p, &pol, &snapshot, &[]);
+            if let Some(chosen) = d.chosen {
+                let s = snapshot.iter_mut().find(|s| s.name == chosen).expect("exists");
+                s.free.cpu_milli -= p.requests.cpu_milli;
+                s.free.memory_bytes -= p.requests.memory_bytes;
+                s.free.pods -= 1;
+                s.active_pods += 1;
+                for (g, n) in &p.requests.gpus {
+                    *s.free.gpus.entry(g.clone()).or_default() -= n;
+                }
+            }
+        }
+        for s in &snapshot {
+            prop_assert!(s.free.cpu_milli >= 0 && s.free.memory_bytes >= 0 && s.free.pods >= 0, "{:?}", s.free);
+            prop_assert!(s.free.gpus.values().all(|v| *v >= 0), "{:?}", s.free.gpus);
+            if let Some(limit) = s.max_concurrent_pods {
+                prop_assert!(s.active_pods <= limit);
+            }
+        }
+    }
+}
