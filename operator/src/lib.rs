@@ -10,6 +10,7 @@ pub mod interlink;
 pub mod kubeclient;
 pub mod metrics;
 pub mod placement;
+pub mod quantity;
 pub mod server;
 pub mod telemetry;
 
@@ -21,3 +22,6 @@ pub mod telemetry;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
+
+/// Largest `offload.dev/placement` annotation written; longer explanations keep the top ten sites.
+pub const ANNOTATION_PLACEMENT_MAX: usize = 16 * 1024;

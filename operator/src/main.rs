@@ -138,7 +138,12 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         site_selector: args.site_selector,
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
     };
-    controller::site::run(client, metrics, settings, move || health.set_ready()).await;
+    let scheduler =
+        controller::scheduler::run(client.clone(), metrics.clone(), settings.site_selector.clone());
+    tokio::select! {
+        _ = controller::site::run(client, metrics, settings, move || health.set_ready()) => {}
+        _ = scheduler => {}
+    }
     tracing::info!("shutting down");
     ExitCode::SUCCESS
 }

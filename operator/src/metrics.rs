@@ -17,6 +17,12 @@ pub struct Metrics {
     pub site_requests: IntCounterVec,
     /// Reconciliations by controller and result.
     pub reconciles: IntCounterVec,
+    /// Placement decisions by policy, site and outcome (`scheduled`, `unschedulable`, `refused`).
+    pub placements: IntCounterVec,
+    /// Time to decide one pod's placement.
+    pub placement_duration: prometheus::Histogram,
+    /// Pods waiting for the offload scheduler.
+    pub pending_pods: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -54,6 +60,25 @@ impl Metrics {
             ),
             &["controller", "result"],
         )?;
+        let placements = IntCounterVec::new(
+            Opts::new(
+                "offload_placements_total",
+                "Placement decisions, by policy, site and outcome",
+            ),
+            &["policy", "site", "outcome"],
+        )?;
+        let placement_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "offload_placement_duration_seconds",
+                "Time to decide one pod's placement",
+            )
+            .buckets(vec![0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05]),
+        )?;
+        let pending_pods =
+            prometheus::IntGauge::new("offload_pending_pods", "Pods waiting for the offload scheduler")?;
+        registry.register(Box::new(placements.clone()))?;
+        registry.register(Box::new(placement_duration.clone()))?;
+        registry.register(Box::new(pending_pods.clone()))?;
         registry.register(Box::new(site_up.clone()))?;
         registry.register(Box::new(probe_latency.clone()))?;
         registry.register(Box::new(site_requests.clone()))?;
@@ -64,6 +89,9 @@ impl Metrics {
             probe_latency,
             site_requests,
             reconciles,
+            placements,
+            placement_duration,
+            pending_pods,
         })
     }
 

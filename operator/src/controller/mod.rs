@@ -3,6 +3,7 @@
 pub mod credentials;
 pub mod lease;
 pub mod node;
+pub mod scheduler;
 pub mod site;
 
 use std::{collections::HashMap, sync::Mutex};

@@ -154,7 +154,7 @@ pub fn capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> BTreeMap<Str
         let entry = out
             .entry(gpu.resource_name.clone())
             .or_insert_with(|| Quantity("0".into()));
-        let sum = entry.0.parse::<i64>().unwrap_or(0) + i64::from(gpu.count);
+        let sum = crate::quantity::int(&entry.0) + i64::from(gpu.count);
         *entry = Quantity(sum.to_string());
     }
     if let Some(r) = ping.and_then(|p| p.resources.as_ref()) {
@@ -167,7 +167,7 @@ pub fn capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> BTreeMap<Str
         }
         for a in &r.accelerators {
             if let Some(q) = &a.available
-                && q.0.parse::<i64>().is_ok_and(|n| n >= 0)
+                && crate::quantity::parse(&q.0).is_some_and(|n| n >= 0.0)
                 && !a.resource_type.is_empty()
             {
                 out.insert(a.resource_type.clone(), q.clone());

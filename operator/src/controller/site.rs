@@ -486,7 +486,7 @@ fn allocated(pods: &[&Pod]) -> ResourceAmounts {
                     "cpu" => cpu_milli += milli(&q.0),
                     "memory" => mem_bytes += bytes(&q.0),
                     k if k.contains('/') => {
-                        *gpus.entry(k.into()).or_default() += q.0.parse::<i32>().unwrap_or(0)
+                        *gpus.entry(k.into()).or_default() += crate::quantity::int(&q.0) as i32
                     }
                     _ => {}
                 }
@@ -514,48 +514,24 @@ fn free(capacity: &BTreeMap<String, Quantity>, allocated: &ResourceAmounts) -> R
                 .max(0)
                 .to_string(),
         )),
-        pods: Some((cap("pods").parse::<i32>().unwrap_or(0) - allocated.pods.unwrap_or(0)).max(0)),
+        pods: Some((crate::quantity::int(&cap("pods")) as i32 - allocated.pods.unwrap_or(0)).max(0)),
         gpus: capacity
             .iter()
             .filter(|(k, _)| k.contains('/'))
             .map(|(k, q)| {
-                let n = q.0.parse::<i32>().unwrap_or(0) - allocated.gpus.get(k).copied().unwrap_or(0);
+                let n = crate::quantity::int(&q.0) as i32 - allocated.gpus.get(k).copied().unwrap_or(0);
                 (k.clone(), n.max(0))
             })
             .collect(),
     }
 }
 
-/// CPU quantity in millicores (`2`, `500m`, `1.5`).
-fn milli(q: &str) -> i64 {
-    if let Some(m) = q.strip_suffix('m') {
-        return m.parse().unwrap_or(0);
-    }
-    q.parse::<f64>().map(|v| (v * 1000.0) as i64).unwrap_or(0)
+pub(crate) fn milli(q: &str) -> i64 {
+    crate::quantity::milli(q)
 }
 
-/// Memory quantity in bytes (`128Gi`, `500M`, `1024`).
-fn bytes(q: &str) -> i64 {
-    const UNITS: [(&str, f64); 12] = [
-        ("Ki", 1024.0),
-        ("Mi", 1048576.0),
-        ("Gi", 1073741824.0),
-        ("Ti", 1099511627776.0),
-        ("Pi", 1125899906842624.0),
-        ("Ei", 1152921504606846976.0),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    for (suffix, factor) in UNITS {
-        if let Some(n) = q.strip_suffix(suffix) {
-            return n.parse::<f64>().map(|v| (v * factor) as i64).unwrap_or(0);
-        }
-    }
-    q.parse::<f64>().map(|v| v as i64).unwrap_or(0)
+pub(crate) fn bytes(q: &str) -> i64 {
+    crate::quantity::int(q)
 }
 
 async fn publish(
@@ -636,14 +612,6 @@ pub type Endpoint = KubeletEndpoint;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantities() {
-        assert_eq!(milli("2"), 2000);
-        assert_eq!(milli("500m"), 500);
-        assert_eq!(bytes("1Gi"), 1 << 30);
-        assert_eq!(bytes("500M"), 500_000_000);
-    }
 
     #[test]
     fn status_is_rewritten_only_on_change_or_when_stale() {
