@@ -183,6 +183,33 @@ async fn pods_go_to_the_best_site_and_explain_why() {
             })
             .await?;
 
+            // `offload-operator explain` shows the same reasons without binding anything.
+            let bin = offload_e2e::cluster::workspace_binary("offload-operator")?;
+            let selector = format!("{TEST_LABEL}={}", t.name);
+            let out = tokio::process::Command::new(&bin)
+                .args(["explain", "--pod", &format!("{}/too-big", t.name), "--site-selector", &selector, "--kubeconfig"])
+                .arg(&t.cluster.admin_kubeconfig)
+                .output()
+                .await?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            ensure!(out.status.success(), "explain failed: {}", String::from_utf8_lossy(&out.stderr));
+            ensure!(text.contains("chosen: none") && text.contains("insufficient nvidia.com/gpu"), "{text}");
+            let manifest = t.cluster.dir.join(format!("explain-{}.yaml", t.name));
+            let mut what_if = pod("what-if", &gpu_pol, "1", 1)?;
+            what_if.metadata.namespace = Some(t.name.clone());
+            std::fs::write(&manifest, serde_json::to_string(&what_if)?)?;
+            let out = tokio::process::Command::new(&bin)
+                .args(["explain", "--json", "--site-selector", &selector, "-f"])
+                .arg(&manifest)
+                .arg("--kubeconfig")
+                .arg(&t.cluster.admin_kubeconfig)
+                .output()
+                .await?;
+            let decision: Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
+            ensure!(decision["chosen"] == hpc.as_str(), "{decision}");
+            ensure!(pods.get_opt("what-if").await?.is_none(), "explain creates nothing");
+
             // 5. A cordoned site receives nothing.
             let cordon = json!({"spec": {"cordoned": true}});
             sites.patch(&htc, &PatchParams::default(), &Patch::Merge(&cordon)).await?;

@@ -25,8 +25,24 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the operator: the site controller, node leases, and the metrics/health server.
+    /// Run the operator: the site controller, node leases, the offload scheduler, and the
+    /// metrics/health server.
     Run(RunArgs),
+    /// Print where the offload scheduler would place a pod now, and why, without binding it.
+    Explain {
+        /// A pod manifest (YAML or JSON; `-` for stdin).
+        #[arg(short = 'f', long = "filename", conflicts_with = "pod")]
+        file: Option<PathBuf>,
+        /// An existing pod, as `namespace/name`.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only sites and policies with these labels, as the operator's `--site-selector`.
+        #[arg(long)]
+        site_selector: Option<String>,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect to the cluster with the operator's identity and report what it can reach.
     Check,
     /// Print the CustomResourceDefinitions as YAML (`offload-operator crds | kubectl apply -f -`),
@@ -73,6 +89,12 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Check => check(cli.kubeconfig).await,
         Command::Run(args) => run(cli.kubeconfig, args).await,
+        Command::Explain {
+            file,
+            pod,
+            site_selector,
+            json,
+        } => explain(cli.kubeconfig, file, pod, site_selector, json).await,
         Command::Crds { reference: true, .. } => {
             print!("{}", offload_operator::crd::reference::markdown());
             ExitCode::SUCCESS
@@ -145,6 +167,87 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         _ = scheduler => {}
     }
     tracing::info!("shutting down");
+    ExitCode::SUCCESS
+}
+
+async fn explain(
+    kubeconfig: Option<PathBuf>,
+    file: Option<PathBuf>,
+    pod: Option<String>,
+    selector: Option<String>,
+    json: bool,
+) -> ExitCode {
+    use k8s_openapi::api::core::v1::Pod;
+    let fail = |msg: String| {
+        eprintln!("offload-operator explain: {msg}");
+        ExitCode::FAILURE
+    };
+    let client = match offload_operator::kubeclient::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(err) => return fail(err.to_string()),
+    };
+    let pod: Pod = match (file, pod) {
+        (Some(path), _) => {
+            let text = if path.as_os_str() == "-" {
+                let mut s = String::new();
+                match std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                    Ok(_) => s,
+                    Err(e) => return fail(format!("cannot read stdin: {e}")),
+                }
+            } else {
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => s,
+                    Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+                }
+            };
+            match serde_saphyr::from_str(&text) {
+                Ok(p) => p,
+                Err(e) => return fail(format!("not a pod manifest: {e}")),
+            }
+        }
+        (None, Some(id)) => {
+            let Some((ns, name)) = id.split_once('/') else {
+                return fail(format!("{id:?} is not namespace/name"));
+            };
+            match Api::<Pod>::namespaced(client.clone(), ns).get(name).await {
+                Ok(p) => p,
+                Err(e) => return fail(format!("cannot read pod {id}: {e}")),
+            }
+        }
+        (None, None) => return fail("give a manifest (-f) or a pod (--pod namespace/name)".into()),
+    };
+    let decision =
+        match offload_operator::controller::scheduler::explain(&client, &pod, selector.as_deref()).await {
+            Ok(d) => d,
+            Err(e) => return fail(e),
+        };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&decision).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("policy: {}", decision.policy);
+    match &decision.chosen {
+        Some(site) => println!("chosen: {site}"),
+        None => println!("chosen: none (the pod would stay Pending)"),
+    }
+    if !decision.ranking.is_empty() {
+        println!(
+            "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6}",
+            "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU"
+        );
+        for r in &decision.ranking {
+            println!(
+                "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6}",
+                r.site, r.score, r.queue, r.cost, r.free_capacity, r.gpu_fit
+            );
+        }
+    }
+    if !decision.rejected.is_empty() {
+        println!("\nrejected:");
+        for (site, reason) in &decision.rejected {
+            println!("  {site}: {reason}");
+        }
+    }
     ExitCode::SUCCESS
 }
 

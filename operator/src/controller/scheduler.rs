@@ -598,3 +598,41 @@ async fn update_policy_status(client: &Client, policies: &[Arc<OffloadPolicy>], 
         }
     }
 }
+
+/// What the scheduler would decide for `pod` now, without binding: the policy and the decision.
+/// Used by `offload-operator explain`.
+pub async fn explain(client: &Client, pod: &Pod, selector: Option<&str>) -> Result<Decision, String> {
+    let lp = selector
+        .map(|s| ListParams::default().labels(s))
+        .unwrap_or_default();
+    let sites: Vec<Arc<OffloadSite>> = Api::<OffloadSite>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(|e| format!("cannot list OffloadSites: {e}"))?
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let policies: Vec<Arc<OffloadPolicy>> = Api::<OffloadPolicy>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(|e| format!("cannot list OffloadPolicies: {e}"))?
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let ns = pod.namespace().unwrap_or_else(|| "default".into());
+    let ns_labels = Api::<Namespace>::all(client.clone())
+        .get_opt(&ns)
+        .await
+        .map_err(|e| format!("cannot read namespace {ns}: {e}"))?
+        .and_then(|n| n.metadata.labels)
+        .unwrap_or_default();
+    let mut needs = needs(pod, ns_labels);
+    needs.namespace = ns;
+    let policy = choose_policy(pod, &needs, &policies)?;
+    let snapshots = snapshot(client, &sites)
+        .await
+        .map_err(|e| format!("cannot read the sites' load: {e}"))?;
+    Ok(placement::place(&needs, &policy, &snapshots, &[]))
+}
