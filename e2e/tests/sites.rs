@@ -469,8 +469,8 @@ async fn keep_nodes_healthy(client: kube::Client, names: Vec<String>) {
     }
 }
 
-/// Deleting a site with a pod on it (ADR 0002): the pod is deleted first (its remote job is then
-/// cancelled by the execution controller), the site waits for it, then its Node goes.
+/// Deleting a site with a running pod on it (ADR 0002): the pod is deleted first, which cancels
+/// its job at the site, then the site's Node goes; no remote job is left behind.
 #[tokio::test]
 async fn deleting_a_site_drains_its_pods_then_removes_its_node() {
     TestNamespace::run("sites-delete", |t| async move {
@@ -491,49 +491,45 @@ async fn deleting_a_site_drains_its_pods_then_removes_its_node() {
         let result = async {
             wait_ready(&sites, &name, true).await?;
             let pod = serde_json::from_value(json!({
-                "metadata": {"name": "still-running"},
+                "metadata": {"name": "still-running", "annotations": {"sitesim.offload.dev/simulate": "true",
+                    "sitesim.offload.dev/duration-seconds": "600"}},
                 "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}
             }))?;
             pods.create(&PostParams::default(), &pod).await?;
-            sites.delete(&name, &DeleteParams::default()).await?;
-            wait::until("the pod to be deleted by the operator", TIMEOUT, || async {
+            wait::until("the job to run at the site", TIMEOUT, || async {
                 let p = pods.get("still-running").await?;
-                Ok::<_, kube::Error>(p.metadata.deletion_timestamp.map(|_| ()))
-            })
-            .await?;
-            let events: Api<Event> = Api::all(t.client.clone());
-            wait::until("a Draining Event", TIMEOUT, || async {
-                let list = events
-                    .list(&ListParams::default().fields(&format!("regarding.name={name}")))
-                    .await?;
                 Ok::<_, kube::Error>(
-                    list.items
-                        .iter()
-                        .any(|e| e.reason.as_deref() == Some("Draining"))
-                        .then_some(()),
+                    (p.status.and_then(|s| s.phase).as_deref() == Some("Running")).then_some(()),
                 )
             })
             .await?;
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            ensure!(
-                sites.get_opt(&name).await?.is_some(),
-                "the site waits for its pods"
-            );
-            let nodes: Api<Node> = Api::all(t.client.clone());
-            ensure!(
-                nodes.get_opt(&node).await?.is_some(),
-                "the node stays while pods remain"
-            );
-            // What the execution controller does once the remote job is cancelled.
-            pods.delete("still-running", &DeleteParams::default().grace_period(0))
-                .await?;
+            ensure!(s.pod_count() == 1);
+            sites.delete(&name, &DeleteParams::default()).await?;
             wait::until("the site to be gone", TIMEOUT, || async {
                 Ok::<_, kube::Error>(sites.get_opt(&name).await?.is_none().then_some(()))
             })
             .await?;
             ensure!(
+                pods.get_opt("still-running").await?.is_none(),
+                "the pod was deleted first"
+            );
+            ensure!(
+                s.pod_count() == 0 && s.stats().deletes >= 1,
+                "the remote job was cancelled: {:?}",
+                s.stats()
+            );
+            let nodes: Api<Node> = Api::all(t.client.clone());
+            ensure!(
                 nodes.get_opt(&node).await?.is_none(),
                 "the node is removed with the site"
+            );
+            let events: Api<Event> = Api::all(t.client.clone());
+            let list = events
+                .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+                .await?;
+            ensure!(
+                list.items.iter().any(|e| e.reason.as_deref() == Some("Draining")),
+                "a Draining Event"
             );
             Ok(())
         }

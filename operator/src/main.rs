@@ -160,11 +160,19 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         site_selector: args.site_selector,
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
     };
+    let clients = controller::SiteClients::default();
     let scheduler =
         controller::scheduler::run(client.clone(), metrics.clone(), settings.site_selector.clone());
+    let execution = controller::execution::run(
+        client.clone(),
+        metrics.clone(),
+        clients.clone(),
+        settings.site_selector.clone(),
+    );
     tokio::select! {
-        _ = controller::site::run(client, metrics, settings, move || health.set_ready()) => {}
+        _ = controller::site::run(client, metrics, settings, clients, move || health.set_ready()) => {}
         _ = scheduler => {}
+        _ = execution => {}
     }
     tracing::info!("shutting down");
     ExitCode::SUCCESS

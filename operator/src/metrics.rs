@@ -23,6 +23,10 @@ pub struct Metrics {
     pub placement_duration: prometheus::Histogram,
     /// Pods waiting for the offload scheduler.
     pub pending_pods: prometheus::IntGauge,
+    /// Duration of one site's batched status request.
+    pub status_sync_duration: HistogramVec,
+    /// Time from creation at the site to the first running status.
+    pub bind_to_running: HistogramVec,
 }
 
 impl Metrics {
@@ -76,6 +80,26 @@ impl Metrics {
         )?;
         let pending_pods =
             prometheus::IntGauge::new("offload_pending_pods", "Pods waiting for the offload scheduler")?;
+        let status_sync_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "offload_status_sync_duration_seconds",
+                "One site's batched status request",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["site"],
+        )?;
+        let bind_to_running = HistogramVec::new(
+            HistogramOpts::new(
+                "offload_create_to_running_seconds",
+                "Time from creation at the site to running",
+            )
+            .buckets(vec![1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0]),
+            &["site"],
+        )?;
+        registry.register(Box::new(status_sync_duration.clone()))?;
+        registry.register(Box::new(bind_to_running.clone()))?;
         registry.register(Box::new(placements.clone()))?;
         registry.register(Box::new(placement_duration.clone()))?;
         registry.register(Box::new(pending_pods.clone()))?;
@@ -92,6 +116,8 @@ impl Metrics {
             placements,
             placement_duration,
             pending_pods,
+            status_sync_duration,
+            bind_to_running,
         })
     }
 

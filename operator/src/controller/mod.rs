@@ -1,12 +1,17 @@
 //! Controllers: each observes, decides with pure functions, acts, and reports.
 
 pub mod credentials;
+pub mod execution;
 pub mod lease;
 pub mod node;
 pub mod scheduler;
 pub mod site;
+pub mod status_map;
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use kube::{Client, runtime::events::Recorder};
 
@@ -50,6 +55,16 @@ pub struct Context {
     pub metrics: Metrics,
     /// Settings.
     pub settings: Settings,
-    /// Per-site health and client, kept between probes.
-    pub sites: Mutex<HashMap<String, site::SiteHealth>>,
+    /// Per-site health and client, kept between probes (shared with the execution controller).
+    pub sites: SiteClients,
+}
+
+/// Each site's client and health, built by the site controller and used by the others.
+pub type SiteClients = Arc<Mutex<HashMap<String, site::SiteHealth>>>;
+
+/// The client of a site and whether it is reachable, once the site controller has built it.
+pub fn site_client(clients: &SiteClients, site: &str) -> Option<(crate::interlink::SiteClient, bool)> {
+    let map = clients.lock().unwrap_or_else(|p| p.into_inner());
+    map.get(site)
+        .and_then(|h| h.client().map(|c| (c, h.is_reachable())))
 }

@@ -58,6 +58,18 @@ pub struct SiteHealth {
     last_ping: Option<PingResponse>,
 }
 
+impl SiteHealth {
+    /// The site's client, once built.
+    pub fn client(&self) -> Option<SiteClient> {
+        self.client.clone()
+    }
+
+    /// Whether the site passes its health check.
+    pub fn is_reachable(&self) -> bool {
+        self.reachable
+    }
+}
+
 /// The result of one probe.
 enum Probe {
     Ok {
@@ -72,7 +84,13 @@ enum Probe {
 }
 
 /// Runs the site controller and the lease renewer until a shutdown signal.
-pub async fn run(client: Client, metrics: Metrics, settings: Settings, ready: impl Fn() + Send + 'static) {
+pub async fn run(
+    client: Client,
+    metrics: Metrics,
+    settings: Settings,
+    clients: super::SiteClients,
+    ready: impl Fn() + Send + 'static,
+) {
     let sites: Api<OffloadSite> = Api::all(client.clone());
     let mut cfg = watcher::Config::default().any_semantic();
     if let Some(sel) = &settings.site_selector {
@@ -93,7 +111,7 @@ pub async fn run(client: Client, metrics: Metrics, settings: Settings, ready: im
         recorder,
         metrics,
         settings,
-        sites: Default::default(),
+        sites: clients,
     });
     tokio::spawn(super::lease::renew_forever(
         client.clone(),

@@ -1,0 +1,284 @@
+//! The kubelet role: pods bound to a site's virtual Node run at the (simulated) site and their
+//! status follows it. Real control plane, real operator binary, simulators over HTTP.
+
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use offload_e2e::{
+    TestNamespace,
+    operator::{Operator, TEST_LABEL},
+    sitesim::{SimConfig, SimHandle, faults},
+    wait,
+};
+use offload_operator::crd::OffloadSite;
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn site(ns: &str, name: &str, endpoint: &str, extra: Value) -> anyhow::Result<OffloadSite> {
+    let mut spec = json!({"endpoint": endpoint, "namespaceSelector": {}, "statusSyncIntervalSeconds": 1,
+        "capacity": {"cpu": "1000", "memory": "4Ti", "pods": 5000},
+        "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}});
+    spec.as_object_mut()
+        .context("spec")?
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    Ok(serde_json::from_value(
+        json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
+        "metadata": {"name": name, "labels": {TEST_LABEL: ns}}, "spec": spec}),
+    )?)
+}
+
+/// A pod bound straight to the site's node (as kube-scheduler binds interLink-style pods).
+fn pod(name: &str, site: &str, script: &str, extra_spec: Value) -> anyhow::Result<Pod> {
+    let mut spec = json!({"nodeName": format!("offload-{site}"), "restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]});
+    spec.as_object_mut()
+        .context("spec")?
+        .extend(extra_spec.as_object().cloned().unwrap_or_default());
+    Ok(serde_json::from_value(
+        json!({"metadata": {"name": name}, "spec": spec}),
+    )?)
+}
+
+async fn phase(pods: &Api<Pod>, name: &str, want: &str) -> anyhow::Result<Pod> {
+    wait::until(&format!("pod {name} {want}"), TIMEOUT, || async {
+        let p = pods.get(name).await.map_err(|e| e.to_string())?;
+        let ph = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if ph == want {
+            return Ok(Some(p));
+        }
+        // Shown on timeout: where the pod is stuck.
+        let c = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.clone())
+            .map(|c| format!("{:?}", c[0].state));
+        Err(format!("phase {ph:?}, container {c:?}"))
+    })
+    .await
+}
+
+fn exit_code(p: &Pod) -> Option<i32> {
+    p.status.as_ref()?.container_statuses.as_ref()?[0]
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+        .map(|t| t.exit_code)
+}
+
+async fn wait_ready(sites: &Api<OffloadSite>, name: &str) -> anyhow::Result<()> {
+    wait::until(&format!("{name} Ready"), TIMEOUT, || async {
+        let s = sites.get(name).await?;
+        Ok::<_, kube::Error>(
+            s.status
+                .filter(|st| {
+                    st.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+                .map(|_| ()),
+        )
+    })
+    .await
+}
+
+async fn cleanup(t: &TestNamespace, sites: &Api<OffloadSite>, names: &[&str]) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+    for p in pods.list(&ListParams::default()).await?.items {
+        let _ = pods.delete(&p.name_any(), &DeleteParams::default()).await;
+    }
+    for n in names {
+        let _ = sites.delete(n, &DeleteParams::default()).await;
+    }
+    for n in names {
+        wait::until("site gone", TIMEOUT, || async {
+            Ok::<_, kube::Error>(sites.get_opt(n).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_run_at_the_site_and_report_back() {
+    TestNamespace::run("exec-run", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let work = t.cluster.dir.join(format!("sim-{}", t.name));
+        let sim = SimHandle::start(SimConfig { work_dir: work.clone(), ..SimConfig::default() }).await?;
+        let closed = SimHandle::start(SimConfig::default()).await?;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let (open_site, closed_site) = (format!("{}-site", t.name), format!("{}-closed", t.name));
+        sites.create(&PostParams::default(), &site(&t.name, &open_site, &sim.url, json!({}))?).await?;
+        let other_tenants = json!({"namespaceSelector": {"matchLabels": {"tenant": "someone-else"}}});
+        sites.create(&PostParams::default(), &site(&t.name, &closed_site, &closed.url, other_tenants)?).await?;
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        let pp = PostParams::default();
+        let result = async {
+            wait_ready(&sites, &open_site).await?;
+            wait_ready(&sites, &closed_site).await?;
+            // Success and failure with exit codes.
+            pods.create(&pp, &pod("ok", &open_site, "echo hello from the site", json!({}))?).await?;
+            pods.create(&pp, &pod("three", &open_site, "echo failing; exit 3", json!({}))?).await?;
+            let ok = phase(&pods, "ok", "Succeeded").await?;
+            ensure!(exit_code(&ok) == Some(0));
+            ensure!(ok.annotations().contains_key("offload.dev/remote-id"), "remote id recorded");
+            let three = phase(&pods, "three", "Failed").await?;
+            ensure!(exit_code(&three) == Some(3), "{:?}", three.status);
+            let uid = ok.uid().context("uid")?;
+            let out = std::fs::read_to_string(work.join(&uid).join("main.log"))?;
+            ensure!(out == "hello from the site\n", "{out:?}");
+
+            // ConfigMap and Secret contents reach the command.
+            let cms: Api<ConfigMap> = Api::namespaced(t.client.clone(), &t.name);
+            cms.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"greeting": "hi"}}))?).await?;
+            let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.name);
+            secrets.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "creds"}, "stringData": {"password": "s3cr3t"}}))?).await?;
+            let mounts = json!({
+                "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "creds", "secret": {"secretName": "creds"}}],
+                "containers": [{"name": "main", "image": "busybox",
+                    "command": ["sh", "-c", "cat $SITESIM_ROOT/etc/cfg/greeting $SITESIM_ROOT/etc/creds/password"],
+                    "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}, {"name": "creds", "mountPath": "/etc/creds"}]}]});
+            pods.create(&pp, &pod("mounts", &open_site, "", mounts)?).await?;
+            let m = phase(&pods, "mounts", "Succeeded").await?;
+            let out = std::fs::read_to_string(work.join(m.uid().context("uid")?).join("main.log"))?;
+            ensure!(out == "his3cr3t", "{out:?}");
+
+            // A site the namespace may not use receives nothing.
+            pods.create(&pp, &pod("forbidden", &closed_site, "echo never", json!({"volumes": [{"name": "creds", "secret": {"secretName": "creds"}}]}))?).await?;
+            let f = phase(&pods, "forbidden", "Failed").await?;
+            let reason = f.status.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+            ensure!(reason == "NamespaceNotAllowed", "{reason}");
+            ensure!(closed.stats().creates_per_uid.is_empty(), "nothing was sent: {:?}", closed.stats());
+
+            // Deleting a running pod stops it at the site, then the pod disappears.
+            pods.create(&pp, &pod("sleeper", &open_site, "sleep 300", json!({}))?).await?;
+            phase(&pods, "sleeper", "Running").await?;
+            let before = sim.pod_count();
+            pods.delete("sleeper", &DeleteParams::default()).await?;
+            wait::until("the pod to disappear", TIMEOUT, || async { Ok::<_, kube::Error>(pods.get_opt("sleeper").await?.is_none().then_some(())) }).await?;
+            ensure!(sim.pod_count() == before - 1, "the site forgot it");
+            ensure!(sim.stats().deletes >= 1);
+
+            // A create the site refuses with a text body fails the pod with that text.
+            sim.inject(faults::status("create", 500, "HTTP InterLink session x: call exit status: 500. Body: sbatch: error: invalid partition"));
+            pods.create(&pp, &pod("refused", &open_site, "echo never", json!({}))?).await?;
+            let r = phase(&pods, "refused", "Failed").await?;
+            let msg = r.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
+            ensure!(msg.contains("invalid partition"), "{msg}");
+
+            // A site refusing connections for a while: the pod waits, then runs.
+            sim.go_down(Duration::from_secs(4));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            pods.create(&pp, &pod("patient", &open_site, "echo made it", json!({}))?).await?;
+            let p = phase(&pods, "patient", "Succeeded").await?;
+            ensure!(exit_code(&p) == Some(0));
+            Ok(())
+        }
+        .await;
+        cleanup(&t, &sites, &[&open_site, &closed_site]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn status_is_synced_in_one_request_per_site_and_interval() {
+    TestNamespace::run("exec-batch", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let sim = SimHandle::start(SimConfig {
+            simulate: true,
+            slots: 1000,
+            ..SimConfig::default()
+        })
+        .await?;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-big", t.name);
+        sites
+            .create(
+                &PostParams::default(),
+                &site(&t.name, &name, &sim.url, json!({}))?,
+            )
+            .await?;
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async {
+            sas.get_opt("default").await
+        })
+        .await?;
+        let result = async {
+            wait_ready(&sites, &name).await?;
+            for i in 0..200 {
+                let mut p = pod(&format!("p{i}"), &name, "", json!({}))?;
+                p.metadata.annotations = Some(
+                    [(
+                        "sitesim.offload.dev/duration-seconds".to_string(),
+                        "600".to_string(),
+                    )]
+                    .into(),
+                );
+                pods.create(&PostParams::default(), &p).await?;
+            }
+            wait::until("200 running pods", Duration::from_secs(180), || async {
+                let l = pods.list(&ListParams::default()).await?;
+                let running = l
+                    .items
+                    .iter()
+                    .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                    .count();
+                Ok::<_, kube::Error>((running == 200).then_some(()))
+            })
+            .await?;
+            let stats = sim.stats();
+            ensure!(
+                stats.creates_per_uid.len() == 200 && stats.creates_per_uid.values().all(|n| *n == 1),
+                "created once each"
+            );
+            // Over a quiet window: about one status request per second, each for all 200 pods, and
+            // no pod status rewritten.
+            let rv: Vec<String> = pods
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .map(|p| p.resource_version().unwrap_or_default())
+                .collect();
+            let before = sim.stats().status_requests;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let requests = sim.stats().status_requests - before;
+            // At most one per interval (a loaded machine may skip one), never one per pod.
+            ensure!(
+                (1..=7).contains(&requests),
+                "{requests} status requests in 5 s at a 1 s interval"
+            );
+            ensure!(sim.stats().max_pods_per_status >= 200, "{:?}", sim.stats());
+            let rv2: Vec<String> = pods
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .map(|p| p.resource_version().unwrap_or_default())
+                .collect();
+            ensure!(rv == rv2, "unchanged pods were patched");
+            Ok(())
+        }
+        .await;
+        cleanup(&t, &sites, &[&name]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+    })
+    .await;
+}

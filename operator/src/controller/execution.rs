@@ -1,0 +1,557 @@
+//! The kubelet role: runs pods bound to a site's virtual Node at the site and keeps their status
+//! true. Create and delete are per pod; status is synced per site in one batched request.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Namespace, Pod, Secret},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::Store,
+        watcher,
+    },
+};
+use serde_json::json;
+
+use super::{SiteClients, node::node_name, site_client, status_map};
+use crate::{
+    crd::{ANNOTATION_REMOTE_ID, OffloadSite},
+    interlink::{Error as SiteError, wire::PodCreateRequests},
+    metrics::Metrics,
+    placement::{queue, selector},
+};
+
+const MANAGER: &str = "offload-operator";
+
+struct Ctx {
+    client: Client,
+    clients: SiteClients,
+    sites: Store<OffloadSite>,
+    recorder: Recorder,
+    metrics: Metrics,
+    /// When each pod was created at its site, until it first runs (for the observed queue time).
+    created: Mutex<HashMap<String, (String, Instant)>>,
+    /// Observed create-to-running moving average per site, in seconds.
+    observed: Mutex<HashMap<String, f64>>,
+}
+
+/// Runs the execution controller and the per-site status sync until the process ends.
+pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_selector: Option<String>) {
+    let mut cfg = watcher::Config::default().any_semantic();
+    if let Some(s) = &site_selector {
+        cfg = cfg.labels(s);
+    }
+    let (sites, writer) = kube::runtime::reflector::store();
+    let site_stream =
+        kube::runtime::reflector::reflector(writer, watcher(Api::<OffloadSite>::all(client.clone()), cfg));
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(site_stream);
+        while s.next().await.is_some() {}
+    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        clients,
+        sites,
+        recorder,
+        metrics,
+        created: Mutex::default(),
+        observed: Mutex::default(),
+    });
+    tokio::spawn(sync_forever(ctx.clone()));
+    Controller::new(Api::<Pod>::all(client), watcher::Config::default().any_semantic())
+        .shutdown_on_signal()
+        .run(reconcile, |_, _, _| Action::requeue(Duration::from_secs(5)), ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+/// The site whose virtual Node the pod is bound to, if any.
+fn site_of(ctx: &Ctx, pod: &Pod) -> Option<Arc<OffloadSite>> {
+    let node = pod.spec.as_ref()?.node_name.as_deref()?;
+    ctx.sites
+        .state()
+        .into_iter()
+        .find(|s| node_name(&s.name_any()) == node)
+}
+
+fn terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
+    let Some(site) = site_of(&ctx, &pod) else {
+        return Ok(Action::await_change());
+    };
+    let site_name = site.name_any();
+    let ns = pod.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    if pod.metadata.deletion_timestamp.is_some() {
+        return delete(&ctx, &pod, &site_name, &pods).await;
+    }
+    if terminal(&pod) || pod.annotations().contains_key(ANNOTATION_REMOTE_ID) {
+        return Ok(Action::await_change());
+    }
+    // Tenancy: a pod's Secrets and ConfigMaps only go to sites its namespace may use.
+    let ns_labels = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(&ns)
+        .await?
+        .and_then(|n| n.metadata.labels)
+        .unwrap_or_default();
+    if !selector::matches(&site.spec.namespace_selector, &ns_labels) {
+        let msg = format!("namespace {ns} may not use site {site_name}; nothing was sent to it");
+        fail(&ctx, &pod, "NamespaceNotAllowed", &msg).await?;
+        return Ok(Action::await_change());
+    }
+    let Some((client, reachable)) = site_client(&ctx.clients, &site_name) else {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    if !reachable {
+        waiting(
+            &ctx,
+            &pod,
+            "SiteUnavailable",
+            &format!("site {site_name} is not ready; the pod will be created when it is"),
+        )
+        .await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let request = match gather(&ctx.client, &pod).await {
+        Ok(r) => r,
+        Err(message) => {
+            waiting(&ctx, &pod, "CreateContainerConfigError", &message).await?;
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+    };
+    // After a restart the pod may already be at the site: ask before creating.
+    let uid = pod.uid().unwrap_or_default();
+    let known = client
+        .status(std::slice::from_ref(&*pod))
+        .await
+        .ok()
+        .and_then(|s| s.into_iter().find(|s| s.uid == uid));
+    let outcome = match known {
+        Some(found) => Ok(found.jid),
+        None => client.create_idempotent(&request).await.map(|(c, _)| c.pod_jid),
+    };
+    let result = match &outcome {
+        Ok(_) => "ok",
+        Err(e) => e.reason(),
+    };
+    ctx.metrics
+        .site_requests
+        .with_label_values(&[&site_name, "create", result])
+        .inc();
+    match outcome {
+        Ok(jid) => {
+            let patch = json!({"metadata": {"annotations": {ANNOTATION_REMOTE_ID: jid}}});
+            pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            ctx.created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, (site_name.clone(), Instant::now()));
+            waiting(
+                &ctx,
+                &pod,
+                "ContainerCreating",
+                &format!("submitted to site {site_name} (job {jid})"),
+            )
+            .await?;
+            publish(
+                &ctx,
+                &pod,
+                EventType::Normal,
+                "Submitted",
+                &format!("created at site {site_name} as job {jid}"),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(e) if e.is_retryable() => {
+            waiting(
+                &ctx,
+                &pod,
+                "SiteUnavailable",
+                &format!("creating at site {site_name} failed, retrying: {e}"),
+            )
+            .await?;
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
+        Err(e) => {
+            fail(
+                &ctx,
+                &pod,
+                "OffloadCreateFailed",
+                &format!("site {site_name} refused the pod: {e}"),
+            )
+            .await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Deletes the pod at its site, then completes its deletion as a kubelet does.
+async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Action, kube::Error> {
+    if pod.annotations().contains_key(ANNOTATION_REMOTE_ID) && !terminal(pod) {
+        let Some((client, _)) = site_client(&ctx.clients, site) else {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        };
+        match client.delete(pod).await {
+            Ok(_) => ctx
+                .metrics
+                .site_requests
+                .with_label_values(&[site, "delete", "ok"])
+                .inc(),
+            Err(e) if e.is_retryable() => {
+                ctx.metrics
+                    .site_requests
+                    .with_label_values(&[site, "delete", e.reason()])
+                    .inc();
+                let note = format!("deleting at site {site} failed, retrying: {e}");
+                publish(ctx, pod, EventType::Warning, "DeleteRetrying", &note).await;
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
+            // A site that does not know the pod (or refuses) has nothing left to stop.
+            Err(e) => {
+                ctx.metrics
+                    .site_requests
+                    .with_label_values(&[site, "delete", e.reason()])
+                    .inc();
+                tracing::info!(pod = %pod.name_any(), error = %e, "site delete refused; completing the deletion");
+            }
+        }
+    }
+    match pods
+        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+        .await
+    {
+        Ok(_) | Err(kube::Error::Api(_)) => Ok(Action::await_change()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every ConfigMap and Secret the pod mounts or reads in env, in full; projected and downwardAPI
+/// volumes as ConfigMaps named after the volume, as interLink sends them.
+async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, String> {
+    let ns = pod.namespace().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let (mut cm_names, mut secret_names) = (Vec::<String>::new(), Vec::<String>::new());
+    let mut projected = Vec::new();
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            cm_names.push(c.name.clone());
+        }
+        if let Some(s) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
+            secret_names.push(s);
+        }
+        if let Some(p) = &v.projected {
+            let mut data = BTreeMap::new();
+            for src in p.sources.iter().flatten() {
+                if let Some(c) = &src.config_map {
+                    let cm = get::<ConfigMap>(client, &ns, &c.name).await?;
+                    data.extend(cm.data.unwrap_or_default());
+                }
+                if let Some(s) = &src.secret {
+                    let sec = get::<Secret>(client, &ns, &s.name).await?;
+                    for (k, ByteString(b)) in sec.data.unwrap_or_default() {
+                        data.insert(k, String::from_utf8_lossy(&b).into_owned());
+                    }
+                }
+                if let Some(d) = &src.downward_api {
+                    for item in d.items.iter().flatten() {
+                        if let Some(f) = &item.field_ref {
+                            data.insert(item.path.clone(), field(pod, &f.field_path));
+                        }
+                    }
+                }
+            }
+            projected.push(synthetic(&v.name, data));
+        }
+        if let Some(d) = &v.downward_api {
+            let data = d
+                .items
+                .iter()
+                .flatten()
+                .filter_map(|i| Some((i.path.clone(), field(pod, &i.field_ref.as_ref()?.field_path))))
+                .collect();
+            projected.push(synthetic(&v.name, data));
+        }
+    }
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        for e in c.env.iter().flatten().filter_map(|e| e.value_from.as_ref()) {
+            cm_names.extend(e.config_map_key_ref.as_ref().map(|r| r.name.clone()));
+            secret_names.extend(e.secret_key_ref.as_ref().map(|r| r.name.clone()));
+        }
+        for e in c.env_from.iter().flatten() {
+            cm_names.extend(e.config_map_ref.as_ref().map(|r| r.name.clone()));
+            secret_names.extend(e.secret_ref.as_ref().map(|r| r.name.clone()));
+        }
+    }
+    cm_names.sort();
+    cm_names.dedup();
+    secret_names.sort();
+    secret_names.dedup();
+    let mut configmaps = Vec::new();
+    for n in &cm_names {
+        configmaps.push(get::<ConfigMap>(client, &ns, n).await?);
+    }
+    let mut secrets = Vec::new();
+    for n in &secret_names {
+        secrets.push(get::<Secret>(client, &ns, n).await?);
+    }
+    Ok(PodCreateRequests {
+        pod: pod.clone(),
+        configmaps,
+        secrets,
+        projectedvolumesmaps: projected,
+        jobscript_url: String::new(),
+    })
+}
+
+fn synthetic(name: &str, data: BTreeMap<String, String>) -> ConfigMap {
+    ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn field(pod: &Pod, path: &str) -> String {
+    let m = &pod.metadata;
+    match path {
+        "metadata.name" => m.name.clone().unwrap_or_default(),
+        "metadata.namespace" => m.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => m.uid.clone().unwrap_or_default(),
+        "metadata.labels" => m
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}=\"{v}\"\n"))
+            .collect(),
+        "metadata.annotations" => m
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}=\"{v}\"\n"))
+            .collect(),
+        "spec.nodeName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Result<K, String>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&Default::default()).to_string();
+    match Api::<K>::namespaced(client.clone(), ns).get_opt(name).await {
+        Ok(Some(o)) => Ok(o),
+        Ok(None) => Err(format!("{kind} {ns}/{name} does not exist")),
+        Err(e) => Err(format!("cannot read {kind} {ns}/{name}: {e}")),
+    }
+}
+
+/// Pending, every container waiting with this reason.
+async fn waiting(ctx: &Ctx, pod: &Pod, reason: &str, message: &str) -> Result<(), kube::Error> {
+    let containers: Vec<_> = pod.spec.iter().flat_map(|s| s.containers.iter()).map(|c| json!({
+        "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "", "ready": false, "restartCount": 0,
+        "started": false, "state": {"waiting": {"reason": reason, "message": message}}})).collect();
+    let now = Time(jiff::Timestamp::now());
+    let start = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.clone())
+        .unwrap_or(now);
+    let patch = json!({"status": {"phase": "Pending", "startTime": start, "containerStatuses": containers}});
+    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+/// Failed, every container terminated with exit code 1 and this reason.
+async fn fail(ctx: &Ctx, pod: &Pod, reason: &str, message: &str) -> Result<(), kube::Error> {
+    let now = Time(jiff::Timestamp::now());
+    let containers: Vec<_> = pod.spec.iter().flat_map(|s| s.containers.iter()).map(|c| json!({
+        "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "", "ready": false, "restartCount": 0,
+        "started": false, "state": {"terminated": {"exitCode": 1, "reason": reason, "message": message, "finishedAt": now}}})).collect();
+    let patch = json!({"status": {"phase": "Failed", "reason": reason, "message": message, "containerStatuses": containers}});
+    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    publish(ctx, pod, EventType::Warning, reason, message).await;
+    Ok(())
+}
+
+async fn publish(ctx: &Ctx, pod: &Pod, type_: EventType, reason: &str, note: &str) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Offload".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &pod.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an Event");
+    }
+}
+
+/// Every second, the sites whose sync interval has passed get one status request for all their
+/// active pods.
+async fn sync_forever(ctx: Arc<Ctx>) {
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for site in ctx.sites.state() {
+            let name = site.name_any();
+            let every = Duration::from_secs(site.spec.status_sync_interval_seconds.max(1) as u64);
+            if last.get(&name).is_some_and(|t| t.elapsed() < every) {
+                continue;
+            }
+            last.insert(name.clone(), Instant::now());
+            if let Err(e) = sync_site(&ctx, &site).await {
+                tracing::warn!(site = %name, error = %e, "status sync failed");
+            }
+        }
+    }
+}
+
+async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
+    let name = site.name_any();
+    let all: Api<Pod> = Api::all(ctx.client.clone());
+    let bound = all
+        .list(&ListParams::default().fields(&format!("spec.nodeName={}", node_name(&name))))
+        .await?;
+    let active: Vec<Pod> = bound
+        .items
+        .into_iter()
+        .filter(|p| {
+            !terminal(p)
+                && p.metadata.deletion_timestamp.is_none()
+                && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
+        })
+        .collect();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let Some((client, _)) = site_client(&ctx.clients, &name) else {
+        return Ok(());
+    };
+    let start = Instant::now();
+    // A site that does not answer changes nothing: pods keep their phase until it does.
+    let statuses = match client.status(&active).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics
+                .site_requests
+                .with_label_values(&[&name, "status", e.reason()])
+                .inc();
+            return Err(SyncError::Site(e));
+        }
+    };
+    ctx.metrics
+        .site_requests
+        .with_label_values(&[&name, "status", "ok"])
+        .inc();
+    ctx.metrics
+        .status_sync_duration
+        .with_label_values(&[&name])
+        .observe(start.elapsed().as_secs_f64());
+    let now = Time(jiff::Timestamp::now());
+    for pod in &active {
+        let uid = pod.uid().unwrap_or_default();
+        let Some(remote) = statuses.iter().find(|s| s.uid == uid) else {
+            continue;
+        };
+        let new = status_map::map(pod, remote, &now);
+        if !status_map::changed(pod.status.as_ref(), &new) {
+            continue;
+        }
+        if new.phase.as_deref() != Some("Pending") {
+            note_started(ctx, &uid, &name).await;
+        }
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+        let patch = json!({"status": new});
+        if let Err(e) = api
+            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(pod = %pod.name_any(), error = %e, "cannot patch pod status");
+        }
+    }
+    Ok(())
+}
+
+/// The first non-Pending status of a pod created by this process: one queue-time sample.
+async fn note_started(ctx: &Ctx, uid: &str, site: &str) {
+    let Some((_, created)) = ctx.created.lock().unwrap_or_else(|p| p.into_inner()).remove(uid) else {
+        return;
+    };
+    let sample = created.elapsed().as_secs_f64();
+    let avg = {
+        let mut observed = ctx.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let avg = queue::observe(observed.get(site).copied(), sample);
+        observed.insert(site.to_string(), avg);
+        avg
+    };
+    ctx.metrics
+        .bind_to_running
+        .with_label_values(&[site])
+        .observe(sample);
+    let patch = json!({"status": {"observedQueueWaitSeconds": avg.round() as i64}});
+    let sites: Api<OffloadSite> = Api::all(ctx.client.clone());
+    if let Err(e) = sites
+        .patch_status(site, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(site, error = %e, "cannot record the observed queue time");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("site: {0}")]
+    Site(SiteError),
+}
