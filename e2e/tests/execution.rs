@@ -282,3 +282,88 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
     })
     .await;
 }
+
+/// The operator is killed (SIGKILL) in the middle of a burst of 100 pods over two sites and
+/// restarted: every pod completes, each created at its site exactly once.
+#[tokio::test]
+async fn a_killed_operator_resumes_without_duplicates() {
+    TestNamespace::run("exec-restart", |t| async move {
+        let mut op = Operator::start(t.cluster, &t.name).await?;
+        let (a, b) = (
+            SimHandle::start(SimConfig {
+                simulate: true,
+                slots: 1000,
+                ..SimConfig::default()
+            })
+            .await?,
+            SimHandle::start(SimConfig {
+                simulate: true,
+                slots: 1000,
+                ..SimConfig::default()
+            })
+            .await?,
+        );
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let (sa, sb) = (format!("{}-a", t.name), format!("{}-b", t.name));
+        sites
+            .create(&PostParams::default(), &site(&t.name, &sa, &a.url, json!({}))?)
+            .await?;
+        sites
+            .create(&PostParams::default(), &site(&t.name, &sb, &b.url, json!({}))?)
+            .await?;
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async {
+            sas.get_opt("default").await
+        })
+        .await?;
+        let result = async {
+            wait_ready(&sites, &sa).await?;
+            wait_ready(&sites, &sb).await?;
+            for i in 0..100 {
+                let target = if i % 2 == 0 { &sa } else { &sb };
+                let mut p = pod(&format!("burst-{i}"), target, "", json!({}))?;
+                p.metadata.annotations = Some(
+                    [(
+                        "sitesim.offload.dev/duration-seconds".to_string(),
+                        "2".to_string(),
+                    )]
+                    .into(),
+                );
+                pods.create(&PostParams::default(), &p).await?;
+                if i == 40 {
+                    op.kill().await;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            op = Operator::start(t.cluster, &t.name).await?;
+            wait::until("100 succeeded pods", Duration::from_secs(240), || async {
+                let l = pods
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let done = l
+                    .items
+                    .iter()
+                    .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+                    .count();
+                if done == 100 {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("{done}/100 succeeded"))
+                }
+            })
+            .await?;
+            let mut creates = a.stats().creates_per_uid;
+            creates.extend(b.stats().creates_per_uid);
+            ensure!(creates.len() == 100, "{} pods created", creates.len());
+            let dupes: Vec<_> = creates.iter().filter(|(_, n)| **n != 1).collect();
+            ensure!(dupes.is_empty(), "created more than once: {dupes:?}");
+            Ok(())
+        }
+        .await;
+        cleanup(&t, &sites, &[&sa, &sb]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+    })
+    .await;
+}
