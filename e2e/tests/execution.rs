@@ -367,3 +367,40 @@ async fn a_killed_operator_resumes_without_duplicates() {
     })
     .await;
 }
+
+/// An interLink-style pod (nodeSelector for the site's node, tolerations for its taints, the
+/// default scheduler) is bound by kube-scheduler and runs to completion like any other.
+#[tokio::test]
+async fn an_interlink_style_pod_runs_to_completion() {
+    TestNamespace::run("exec-interlink", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let sim = SimHandle::start(SimConfig::default()).await?;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-vk", t.name);
+        sites.create(&PostParams::default(), &site(&t.name, &name, &sim.url, json!({}))?).await?;
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        let result = async {
+            wait_ready(&sites, &name).await?;
+            let p: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "interlink-style"},
+                "spec": {"restartPolicy": "Never", "nodeSelector": {"offload.dev/site": name},
+                    "tolerations": [{"key": "virtual-node.interlink/no-schedule", "operator": "Exists", "effect": "NoSchedule"},
+                                    {"key": "offload.dev/site", "operator": "Equal", "value": name, "effect": "NoSchedule"}],
+                    "containers": [{"name": "hello", "image": "busybox", "command": ["sh", "-c", "echo hello"],
+                                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
+            }))?;
+            pods.create(&PostParams::default(), &p).await?;
+            let done = phase(&pods, "interlink-style", "Succeeded").await?;
+            let node = done.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            ensure!(node == format!("offload-{name}"), "bound by kube-scheduler to {node}");
+            ensure!(exit_code(&done) == Some(0));
+            Ok(())
+        }
+        .await;
+        cleanup(&t, &sites, &[&name]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+    })
+    .await;
+}
