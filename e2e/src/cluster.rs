@@ -35,6 +35,8 @@ pub struct Cluster {
     pub bin: PathBuf,
     /// `https://127.0.0.1:<port>` of the API server.
     pub api_url: String,
+    /// Serving certificate, key and client CA for the operator's kubelet endpoint.
+    pub kubelet_tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// kube-controller-manager's `--node-monitor-grace-period`, in seconds.
     pub node_grace_seconds: u64,
     /// Default not-ready/unreachable toleration of pods, in seconds.
@@ -103,6 +105,14 @@ impl Cluster {
             operator_kubeconfig: get("OPERATOR_KUBECONFIG")?.into(),
             bin: get("BIN")?.into(),
             api_url: get("API_URL")?,
+            kubelet_tls: match (
+                get("KUBELET_SERVING_CERT"),
+                get("KUBELET_SERVING_KEY"),
+                get("KUBELET_CLIENT_CA"),
+            ) {
+                (Ok(c), Ok(k), Ok(ca)) => Some((c.into(), k.into(), ca.into())),
+                _ => None,
+            },
             node_grace_seconds: get("NODE_GRACE_SECONDS")
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -82,6 +82,8 @@ pub struct Operator {
     pub log: PathBuf,
     /// Base URL of its metrics/health server.
     pub metrics_url: String,
+    /// Port of its kubelet endpoint (HTTPS, client certificates required).
+    pub kubelet_port: u16,
 }
 
 impl Operator {
@@ -96,10 +98,20 @@ impl Operator {
         install_crds(cluster).await?;
         install_rbac(cluster, namespace)?;
         let port = free_port()?;
+        let kubelet_port = free_port()?;
         let log = cluster.dir.join(format!("operator-{namespace}.log"));
         let file = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(workspace_binary("offload-operator")?)
-            .arg("run")
+        let mut cmd = tokio::process::Command::new(workspace_binary("offload-operator")?);
+        cmd.arg("run").args(["--kubelet-port", &kubelet_port.to_string()]);
+        if let Some((cert, key, ca)) = &cluster.kubelet_tls {
+            cmd.arg("--kubelet-tls-cert")
+                .arg(cert)
+                .arg("--kubelet-tls-key")
+                .arg(key)
+                .arg("--kubelet-client-ca")
+                .arg(ca);
+        }
+        let child = cmd
             .arg("--kubeconfig")
             .arg(&cluster.operator_kubeconfig)
             .args([
@@ -120,6 +132,7 @@ impl Operator {
             child,
             log,
             metrics_url: format!("http://127.0.0.1:{port}"),
+            kubelet_port,
         };
         let url = format!("{}/readyz", op.metrics_url);
         let ready = wait::until("the operator's /readyz", Duration::from_secs(60), || async {

@@ -404,3 +404,81 @@ async fn an_interlink_style_pod_runs_to_completion() {
     })
     .await;
 }
+
+async fn kubectl_logs(t: &TestNamespace, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::from(t.cluster.kubectl());
+    let out = cmd.args(["logs", "-n", &t.name]).args(args).output().await?;
+    ensure!(
+        out.status.success(),
+        "kubectl logs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `kubectl logs` (with `--tail` and `-f`) through the API server to the operator's kubelet
+/// endpoint; an anonymous request to that endpoint is refused.
+#[tokio::test]
+async fn kubectl_logs_reach_the_site() {
+    TestNamespace::run("exec-logs", |t| async move {
+        ensure!(
+            t.cluster.kubelet_tls.is_some(),
+            "the control plane has no kubelet client certificate"
+        );
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let sim = SimHandle::start(SimConfig::default()).await?;
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let name = format!("{}-logs", t.name);
+        sites
+            .create(
+                &PostParams::default(),
+                &site(&t.name, &name, &sim.url, json!({}))?,
+            )
+            .await?;
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
+        wait::until("the default ServiceAccount", TIMEOUT, || async {
+            sas.get_opt("default").await
+        })
+        .await?;
+        let result = async {
+            wait_ready(&sites, &name).await?;
+            pods.create(
+                &PostParams::default(),
+                &pod("done", &name, "echo one; echo two; echo three", json!({}))?,
+            )
+            .await?;
+            phase(&pods, "done", "Succeeded").await?;
+            ensure!(kubectl_logs(&t, &["done"]).await? == "one\ntwo\nthree\n");
+            ensure!(kubectl_logs(&t, &["done", "--tail=1"]).await? == "three\n");
+            ensure!(kubectl_logs(&t, &["done", "-c", "main", "--limit-bytes=3"]).await? == "one");
+            // Follow a running pod until it ends.
+            let script = "for i in 1 2 3; do echo tick $i; sleep 1; done";
+            pods.create(&PostParams::default(), &pod("ticking", &name, script, json!({}))?)
+                .await?;
+            phase(&pods, "ticking", "Running").await?;
+            let followed =
+                tokio::time::timeout(Duration::from_secs(60), kubectl_logs(&t, &["-f", "ticking"])).await??;
+            ensure!(followed == "tick 1\ntick 2\ntick 3\n", "{followed:?}");
+            // No client certificate: refused during the handshake.
+            let url = format!(
+                "https://127.0.0.1:{}/containerLogs/{}/done/main",
+                op.kubelet_port, t.name
+            );
+            let anon = tokio::process::Command::new("curl")
+                .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url])
+                .output()
+                .await?;
+            ensure!(
+                !anon.status.success(),
+                "anonymous request served: {}",
+                String::from_utf8_lossy(&anon.stdout)
+            );
+            Ok(())
+        }
+        .await;
+        cleanup(&t, &sites, &[&name]).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+    })
+    .await;
+}

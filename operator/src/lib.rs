@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod interlink;
 pub mod kubeclient;
+pub mod kubelet;
 pub mod metrics;
 pub mod placement;
 pub mod quantity;

@@ -68,9 +68,20 @@ struct RunArgs {
     /// Address written into each virtual Node for its kubelet API (logs).
     #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
     kubelet_address: String,
-    /// Port of the kubelet API written into each virtual Node.
+    /// Port of the kubelet API (`kubectl logs`): written into each virtual Node and served here.
     #[arg(long, default_value_t = 10250)]
     kubelet_port: i32,
+    /// Serving certificate (PEM) of the kubelet API; without the three kubelet TLS flags the
+    /// endpoint is off and `kubectl logs` does not work for offloaded pods.
+    #[arg(long, requires_all = ["kubelet_tls_key", "kubelet_client_ca"])]
+    kubelet_tls_cert: Option<PathBuf>,
+    /// Key of the kubelet serving certificate.
+    #[arg(long)]
+    kubelet_tls_key: Option<PathBuf>,
+    /// CA of the client certificates accepted by the kubelet API (kube-apiserver's
+    /// `--kubelet-client-certificate` issuer).
+    #[arg(long)]
+    kubelet_client_ca: Option<PathBuf>,
     /// Only manage OffloadSites matching this label selector (sharding, tests).
     #[arg(long)]
     site_selector: Option<String>,
@@ -151,6 +162,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         }
     };
     tracing::info!(%addr, namespace = %args.namespace, "offload-operator running; metrics on http://{addr}/metrics");
+    let kubelet_ip = args.kubelet_address.clone();
     let settings = controller::Settings {
         namespace: args.namespace,
         kubelet: controller::node::KubeletEndpoint {
@@ -161,6 +173,29 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
     };
     let clients = controller::SiteClients::default();
+    match (
+        args.kubelet_tls_cert,
+        args.kubelet_tls_key,
+        args.kubelet_client_ca,
+    ) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            let tls = offload_operator::kubelet::KubeletTls { cert, key, client_ca };
+            // Listen on the address the Nodes advertise (the pod IP in a cluster, loopback in tests).
+            let ip = kubelet_ip.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            let listen = std::net::SocketAddr::new(ip, args.kubelet_port as u16);
+            if let Err(err) =
+                offload_operator::kubelet::serve(listen, &tls, client.clone(), clients.clone()).await
+            {
+                tracing::error!(error = %err, "cannot start the kubelet endpoint");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(
+                port = args.kubelet_port,
+                "kubelet endpoint (kubectl logs) on HTTPS"
+            );
+        }
+        _ => tracing::warn!("no kubelet TLS configured: kubectl logs is unavailable for offloaded pods"),
+    }
     let scheduler =
         controller::scheduler::run(client.clone(), metrics.clone(), settings.site_selector.clone());
     let execution = controller::execution::run(

@@ -103,7 +103,18 @@ fn terminal(pod: &Pod) -> bool {
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
     let Some(site) = site_of(&ctx, &pod) else {
-        return Ok(Action::await_change());
+        // Bound to what looks like a site's node whose site this process has not seen yet (its
+        // cache may still be filling): look again shortly rather than forget the pod.
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default();
+        return Ok(if node.starts_with("offload-") {
+            Action::requeue(Duration::from_secs(2))
+        } else {
+            Action::await_change()
+        });
     };
     let site_name = site.name_any();
     let ns = pod.namespace().unwrap_or_default();
