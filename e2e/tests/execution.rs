@@ -158,6 +158,14 @@ async fn pods_run_at_the_site_and_report_back() {
             let out = std::fs::read_to_string(work.join(m.uid().context("uid")?).join("main.log"))?;
             ensure!(out == "his3cr3t", "{out:?}");
 
+            // The projected service-account volume every pod gets (token, ca.crt, namespace).
+            let sa_dir = "$SITESIM_ROOT/var/run/secrets/kubernetes.io/serviceaccount";
+            let script = format!("test -s {sa_dir}/token && grep -q 'BEGIN CERTIFICATE' {sa_dir}/ca.crt && cat {sa_dir}/namespace");
+            pods.create(&pp, &pod("sa-token", &open_site, &script, json!({}))?).await?;
+            let sa = phase(&pods, "sa-token", "Succeeded").await?;
+            let out = std::fs::read_to_string(work.join(sa.uid().context("uid")?).join("main.log"))?;
+            ensure!(out == t.name, "{out:?}");
+
             // A site the namespace may not use receives nothing.
             pods.create(&pp, &pod("forbidden", &closed_site, "echo never", json!({"volumes": [{"name": "creds", "secret": {"secretName": "creds"}}]}))?).await?;
             let f = phase(&pods, "forbidden", "Failed").await?;

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub status_sync_duration: HistogramVec,
     /// Time from creation at the site to the first running status.
     pub bind_to_running: HistogramVec,
+    /// Active offloaded pods by site and phase (`Pending`, `Running`).
+    pub pods: IntGaugeVec,
+    /// Unix time of each site's last successful status sync (lag = now - this).
+    pub last_status_sync: IntGaugeVec,
 }
 
 impl Metrics {
@@ -98,6 +102,19 @@ impl Metrics {
             .buckets(vec![1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0]),
             &["site"],
         )?;
+        let pods = IntGaugeVec::new(
+            Opts::new("offload_pods", "Active offloaded pods by site and phase"),
+            &["site", "phase"],
+        )?;
+        let last_status_sync = IntGaugeVec::new(
+            Opts::new(
+                "offload_status_sync_last_success_timestamp_seconds",
+                "Last successful status sync per site",
+            ),
+            &["site"],
+        )?;
+        registry.register(Box::new(pods.clone()))?;
+        registry.register(Box::new(last_status_sync.clone()))?;
         registry.register(Box::new(status_sync_duration.clone()))?;
         registry.register(Box::new(bind_to_running.clone()))?;
         registry.register(Box::new(placements.clone()))?;
@@ -118,6 +135,8 @@ impl Metrics {
             pending_pods,
             status_sync_duration,
             bind_to_running,
+            pods,
+            last_status_sync,
         })
     }
 

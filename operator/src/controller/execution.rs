@@ -291,6 +291,9 @@ async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, String>
                         data.insert(k, String::from_utf8_lossy(&b).into_owned());
                     }
                 }
+                if let Some(tok) = &src.service_account_token {
+                    data.insert(tok.path.clone(), token(client, pod, tok).await?);
+                }
                 if let Some(d) = &src.downward_api {
                     for item in d.items.iter().flatten() {
                         if let Some(f) = &item.field_ref {
@@ -344,6 +347,47 @@ async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, String>
         projectedvolumesmaps: projected,
         jobscript_url: String::new(),
     })
+}
+
+/// A service-account token requested for the pod (bound to it, as a kubelet requests it).
+async fn token(
+    client: &Client,
+    pod: &Pod,
+    src: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+) -> Result<String, String> {
+    use k8s_openapi::api::{
+        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let ns = pod.namespace().unwrap_or_default();
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: src.audience.clone().map(|a| vec![a]),
+            expiration_seconds: Some(src.expiration_seconds.unwrap_or(3600).max(600)),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let answer: TokenRequest = api
+        .create_subresource("token", &sa, &kube::api::PostParams::default(), &request)
+        .await
+        .map_err(|e| format!("cannot request a token for ServiceAccount {ns}/{sa}: {e}"))?;
+    answer
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| format!("the token request for {ns}/{sa} returned no token"))
 }
 
 fn synthetic(name: &str, data: BTreeMap<String, String>) -> ConfigMap {
