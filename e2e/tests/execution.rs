@@ -282,6 +282,14 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
                 .map(|p| p.resource_version().unwrap_or_default())
                 .collect();
             ensure!(rv == rv2, "unchanged pods were patched");
+            let metrics = op.get("/metrics").await?;
+            ensure!(
+                metrics.contains(&format!("offload_pods{{phase=\"Running\",site=\"{name}\"}} 200")),
+                "{metrics}"
+            );
+            ensure!(metrics.contains(&format!(
+                "offload_status_sync_last_success_timestamp_seconds{{site=\"{name}\"}}"
+            )));
             Ok(())
         }
         .await;

@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
     runtime::{
         Controller,
         controller::Action,
@@ -94,12 +94,7 @@ fn site_of(ctx: &Ctx, pod: &Pod) -> Option<Arc<OffloadSite>> {
         .find(|s| node_name(&s.name_any()) == node)
 }
 
-fn terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
+use super::load::is_finished as terminal;
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
     let Some(site) = site_of(&ctx, &pod) else {
@@ -513,19 +508,26 @@ async fn sync_forever(ctx: Arc<Ctx>) {
 
 async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
     let name = site.name_any();
-    let all: Api<Pod> = Api::all(ctx.client.clone());
-    let bound = all
-        .list(&ListParams::default().fields(&format!("spec.nodeName={}", node_name(&name))))
-        .await?;
-    let active: Vec<Pod> = bound
-        .items
+    let active: Vec<Pod> = super::load::active_pods(&ctx.client, &node_name(&name))
+        .await?
         .into_iter()
         .filter(|p| {
-            !terminal(p)
-                && p.metadata.deletion_timestamp.is_none()
-                && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
+            p.metadata.deletion_timestamp.is_none() && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
         })
         .collect();
+    for phase in ["Pending", "Running"] {
+        let n = active
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .unwrap_or("Pending")
+                    == phase
+            })
+            .count();
+        ctx.metrics.pods.with_label_values(&[&name, phase]).set(n as i64);
+    }
     if active.is_empty() {
         return Ok(());
     }
@@ -548,6 +550,10 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         .site_requests
         .with_label_values(&[&name, "status", "ok"])
         .inc();
+    ctx.metrics
+        .last_status_sync
+        .with_label_values(&[&name])
+        .set(jiff::Timestamp::now().as_second());
     ctx.metrics
         .status_sync_duration
         .with_label_values(&[&name])

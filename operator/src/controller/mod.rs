@@ -3,6 +3,7 @@
 pub mod credentials;
 pub mod execution;
 pub mod lease;
+pub mod load;
 pub mod node;
 pub mod scheduler;
 pub mod site;

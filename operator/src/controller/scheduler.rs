@@ -233,7 +233,6 @@ async fn cycle(
 async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<SiteSnapshot>, kube::Error> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node_list = nodes.list(&ListParams::default().labels(SITE_LABEL)).await?;
-    let pods: Api<Pod> = Api::all(client.clone());
     let mut out = Vec::new();
     for site in sites {
         let name = site.name_any();
@@ -245,10 +244,13 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
             .and_then(|n| n.status.as_ref()?.allocatable.clone())
             .unwrap_or_default();
         let cap = Resources {
-            cpu_milli: capacity.get("cpu").map(|q| super::site::milli(&q.0)).unwrap_or(0),
+            cpu_milli: capacity
+                .get("cpu")
+                .map(|q| crate::quantity::milli(&q.0))
+                .unwrap_or(0),
             memory_bytes: capacity
                 .get("memory")
-                .map(|q| super::site::bytes(&q.0))
+                .map(|q| crate::quantity::int(&q.0))
                 .unwrap_or(0),
             pods: capacity
                 .get("pods")
@@ -260,23 +262,11 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
                 .map(|(k, q)| (k.clone(), crate::quantity::int(&q.0)))
                 .collect(),
         };
-        let bound = pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await?;
-        let active: Vec<&Pod> = bound
-            .items
-            .iter()
-            .filter(|p| {
-                !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
-            })
-            .collect();
+        let active = super::load::active_pods(client, &node).await?;
         let mut free = cap.clone();
         let mut not_started = 0;
         for p in &active {
-            let r = requests(p);
+            let r = super::load::requests(p);
             free.cpu_milli -= r.cpu_milli;
             free.memory_bytes -= r.memory_bytes;
             free.pods -= 1;
@@ -315,7 +305,7 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
                 .map(|g| GpuOffer {
                     resource: g.resource_name.clone(),
                     model: g.model.clone(),
-                    memory_bytes: g.memory_per_gpu.as_ref().map(|q| super::site::bytes(&q.0)),
+                    memory_bytes: g.memory_per_gpu.as_ref().map(|q| crate::quantity::int(&q.0)),
                 })
                 .collect(),
             expected_wait_seconds: queue::expected_wait(
@@ -329,45 +319,11 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
     Ok(out)
 }
 
-/// What the pod asks for: the larger of its app containers' summed requests and its largest init
-/// container's (as kube-scheduler computes it).
-fn requests(pod: &Pod) -> Resources {
-    let mut total = Resources {
-        pods: 1,
-        ..Default::default()
-    };
-    let Some(spec) = &pod.spec else { return total };
-    let add = |acc: &mut Resources, c: &k8s_openapi::api::core::v1::Container| {
-        for (k, q) in c.resources.iter().flat_map(|r| r.requests.iter().flatten()) {
-            match k.as_str() {
-                "cpu" => acc.cpu_milli += super::site::milli(&q.0),
-                "memory" => acc.memory_bytes += super::site::bytes(&q.0),
-                k if k.contains('/') => *acc.gpus.entry(k.into()).or_default() += crate::quantity::int(&q.0),
-                _ => {}
-            }
-        }
-    };
-    for c in &spec.containers {
-        add(&mut total, c);
-    }
-    for c in spec.init_containers.iter().flatten() {
-        let mut one = Resources::default();
-        add(&mut one, c);
-        total.cpu_milli = total.cpu_milli.max(one.cpu_milli);
-        total.memory_bytes = total.memory_bytes.max(one.memory_bytes);
-        for (g, n) in one.gpus {
-            let e = total.gpus.entry(g).or_default();
-            *e = (*e).max(n);
-        }
-    }
-    total
-}
-
 fn needs(pod: &Pod, namespace_labels: BTreeMap<String, String>) -> PodNeeds {
     PodNeeds {
         namespace: pod.namespace().unwrap_or_default(),
         namespace_labels,
-        requests: requests(pod),
+        requests: super::load::requests(pod),
         pinned_site: pod.annotations().get(ANNOTATION_SITE).cloned(),
     }
 }
@@ -426,7 +382,7 @@ fn view(p: &OffloadPolicy) -> PolicyView {
             .requirements
             .min_gpu_memory
             .as_ref()
-            .map(|q| super::site::bytes(&q.0)),
+            .map(|q| crate::quantity::int(&q.0)),
         weights: p.spec.weights.clone(),
         strategy: p.spec.strategy,
     }

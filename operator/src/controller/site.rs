@@ -294,20 +294,7 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     super::lease::renew(&leases, &node_name).await?;
 
     // Load: pods bound to the node.
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let bound = pods
-        .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
-        .await?;
-    let active: Vec<&Pod> = bound
-        .items
-        .iter()
-        .filter(|p| {
-            !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .collect();
+    let active = super::load::active_pods(&ctx.client, &node_name).await?;
     let capacity = node::capacity(&site, ping.as_ref());
     let allocated = allocated(&active);
     let free = free(&capacity, &allocated);
@@ -494,28 +481,13 @@ fn status_changed(old: &OffloadSiteStatus, new: &OffloadSiteStatus) -> bool {
     }
 }
 
-fn allocated(pods: &[&Pod]) -> ResourceAmounts {
-    let (mut cpu_milli, mut mem_bytes) = (0i64, 0i64);
-    let mut gpus: BTreeMap<String, i32> = BTreeMap::new();
-    for p in pods {
-        for c in p.spec.iter().flat_map(|s| s.containers.iter()) {
-            for (k, q) in c.resources.iter().flat_map(|r| r.requests.iter().flatten()) {
-                match k.as_str() {
-                    "cpu" => cpu_milli += milli(&q.0),
-                    "memory" => mem_bytes += bytes(&q.0),
-                    k if k.contains('/') => {
-                        *gpus.entry(k.into()).or_default() += crate::quantity::int(&q.0) as i32
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
+fn allocated(pods: &[Pod]) -> ResourceAmounts {
+    let sum = super::load::total(pods);
     ResourceAmounts {
-        cpu: Some(Quantity(format!("{cpu_milli}m"))),
-        memory: Some(Quantity(mem_bytes.to_string())),
-        pods: Some(pods.len() as i32),
-        gpus,
+        cpu: Some(Quantity(format!("{}m", sum.cpu_milli))),
+        memory: Some(Quantity(sum.memory_bytes.to_string())),
+        pods: Some(sum.pods as i32),
+        gpus: sum.gpus.into_iter().map(|(k, v)| (k, v as i32)).collect(),
     }
 }
 
@@ -525,10 +497,10 @@ fn free(capacity: &BTreeMap<String, Quantity>, allocated: &ResourceAmounts) -> R
     ResourceAmounts {
         cpu: Some(Quantity(format!(
             "{}m",
-            (milli(&cap("cpu")) - milli(&used(&allocated.cpu))).max(0)
+            (crate::quantity::milli(&cap("cpu")) - crate::quantity::milli(&used(&allocated.cpu))).max(0)
         ))),
         memory: Some(Quantity(
-            (bytes(&cap("memory")) - bytes(&used(&allocated.memory)))
+            (crate::quantity::int(&cap("memory")) - crate::quantity::int(&used(&allocated.memory)))
                 .max(0)
                 .to_string(),
         )),
@@ -542,14 +514,6 @@ fn free(capacity: &BTreeMap<String, Quantity>, allocated: &ResourceAmounts) -> R
             })
             .collect(),
     }
-}
-
-pub(crate) fn milli(q: &str) -> i64 {
-    crate::quantity::milli(q)
-}
-
-pub(crate) fn bytes(q: &str) -> i64 {
-    crate::quantity::int(q)
 }
 
 async fn publish(

@@ -1,0 +1,91 @@
+//! What is running on a site's virtual Node: the pods bound there and what they request.
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::{Api, Client, api::ListParams};
+
+use crate::{placement::Resources, quantity};
+
+/// Whether the pod has finished (its resources are free again).
+pub fn is_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Pods bound to `node` that have not finished.
+pub async fn active_pods(client: &Client, node: &str) -> Result<Vec<Pod>, kube::Error> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let bound = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await?;
+    Ok(bound.items.into_iter().filter(|p| !is_finished(p)).collect())
+}
+
+/// What the pod asks for: the larger of its app containers' summed requests and its largest init
+/// container's (as kube-scheduler computes it); one pod.
+pub fn requests(pod: &Pod) -> Resources {
+    let mut total = Resources {
+        pods: 1,
+        ..Default::default()
+    };
+    let Some(spec) = &pod.spec else { return total };
+    let add = |acc: &mut Resources, c: &Container| {
+        for (k, q) in c.resources.iter().flat_map(|r| r.requests.iter().flatten()) {
+            match k.as_str() {
+                "cpu" => acc.cpu_milli += quantity::milli(&q.0),
+                "memory" => acc.memory_bytes += quantity::int(&q.0),
+                k if k.contains('/') => *acc.gpus.entry(k.into()).or_default() += quantity::int(&q.0),
+                _ => {}
+            }
+        }
+    };
+    for c in &spec.containers {
+        add(&mut total, c);
+    }
+    for c in spec.init_containers.iter().flatten() {
+        let mut one = Resources::default();
+        add(&mut one, c);
+        total.cpu_milli = total.cpu_milli.max(one.cpu_milli);
+        total.memory_bytes = total.memory_bytes.max(one.memory_bytes);
+        for (g, n) in one.gpus {
+            let e = total.gpus.entry(g).or_default();
+            *e = (*e).max(n);
+        }
+    }
+    total
+}
+
+/// The summed requests of `pods`.
+pub fn total(pods: &[Pod]) -> Resources {
+    let mut sum = Resources::default();
+    for p in pods {
+        let r = requests(p);
+        sum.cpu_milli += r.cpu_milli;
+        sum.memory_bytes += r.memory_bytes;
+        sum.pods += r.pods;
+        for (g, n) in r.gpus {
+            *sum.gpus.entry(g).or_default() += n;
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_containers_count_at_their_peak() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({"spec": {
+            "initContainers": [{"name": "i", "resources": {"requests": {"cpu": "4", "memory": "1Gi"}}}],
+            "containers": [{"name": "a", "resources": {"requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}}},
+                           {"name": "b", "resources": {"requests": {"cpu": "500m"}}}]}}))
+        .expect("pod");
+        let r = requests(&pod);
+        assert_eq!((r.cpu_milli, r.memory_bytes, r.pods), (4000, 2 << 30, 1));
+        assert_eq!(r.gpus.get("nvidia.com/gpu"), Some(&1));
+        let t = total(&[pod.clone(), pod]);
+        assert_eq!((t.cpu_milli, t.pods), (8000, 2));
+    }
+}
