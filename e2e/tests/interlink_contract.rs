@@ -626,6 +626,7 @@ async fn tls_is_verified_against_the_configured_ca() {
     .ping()
     .await
     .expect("insecure");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The answer to `/create` is lost (503 after the site created the pod, or a timeout): the
@@ -785,6 +786,7 @@ async fn mutual_tls_requires_the_client_certificate() {
     })
     .expect("client");
     with.ping().await.expect("client certificate accepted");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -800,4 +802,6 @@ async fn unix_socket_endpoint() {
     c.create(&request(&p)).await.expect("create over the socket");
     wait_status(&c, &p, "done", |s| s.containers[0].state.terminated.is_some()).await;
     assert_eq!(sim.stats().creates_per_uid.get(&uid(1)), Some(&1));
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -110,7 +110,9 @@ async fn main() -> anyhow::Result<()> {
         ..SimConfig::default()
     };
     if let Some(dir) = args.work_dir {
+        // A folder the user named is theirs to keep.
         config.work_dir = dir;
+        config.remove_work_dir = false;
     }
     let mut sim = SimHandle::start(config).await?;
     println!("listening on {}", sim.url);

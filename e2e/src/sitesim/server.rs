@@ -97,6 +97,8 @@ pub struct SimConfig {
     pub every_nth_error: u64,
     /// Listen on this unix socket instead of TCP (no TLS, no outages).
     pub unix_socket: Option<PathBuf>,
+    /// Remove `work_dir` when the simulator is dropped (tests leave nothing behind).
+    pub remove_work_dir: bool,
 }
 
 impl Default for SimConfig {
@@ -117,6 +119,7 @@ impl Default for SimConfig {
             tls: None,
             every_nth_error: 0,
             unix_socket: None,
+            remove_work_dir: true,
         }
     }
 }
@@ -137,6 +140,7 @@ pub struct SimHandle {
     state: State,
     down: watch::Sender<Option<Duration>>,
     task: JoinHandle<()>,
+    cleanup: Option<PathBuf>,
 }
 
 impl SimHandle {
@@ -163,12 +167,14 @@ impl SimHandle {
             });
             let addr = SocketAddr::from(([127, 0, 0, 1], 0));
             let url = format!("unix://{}", path.display());
+            let cleanup = config.remove_work_dir.then(|| config.work_dir.clone());
             return Ok(SimHandle {
                 addr,
                 url,
                 state,
                 down: down_tx,
                 task,
+                cleanup,
             });
         }
         let listener = std::net::TcpListener::bind(config.listen)?;
@@ -181,12 +187,14 @@ impl SimHandle {
             None => None,
         };
         let task = tokio::spawn(serve_loop(listener, addr, router, tls, down_rx));
+        let cleanup = config.remove_work_dir.then(|| config.work_dir.clone());
         Ok(SimHandle {
             addr,
             url: format!("{scheme}://{addr}"),
             state,
             down: down_tx,
             task,
+            cleanup,
         })
     }
 
@@ -222,6 +230,9 @@ impl Drop for SimHandle {
         self.task.abort();
         for pod in self.state.lock().pods.values() {
             let _ = pod.cancel.send(true);
+        }
+        if let Some(dir) = &self.cleanup {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
