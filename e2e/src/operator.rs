@@ -62,7 +62,11 @@ pub async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
 }
 
 /// Grants the operator identity its least-privilege RBAC, with `namespace` as its namespace.
+/// Tests of one binary run in parallel: a lock keeps two first-time `kubectl apply` of the shared
+/// ClusterRole from racing (the loser would get AlreadyExists).
 pub fn install_rbac(cluster: &Cluster, namespace: &str) -> anyhow::Result<()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let text = std::fs::read_to_string(repo_root().join("e2e/testdata/operator-rbac.yaml"))?;
     let path = cluster.dir.join(format!("rbac-{namespace}.yaml"));
     std::fs::write(&path, text.replace("NAMESPACE", namespace))?;
