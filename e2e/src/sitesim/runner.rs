@@ -53,6 +53,10 @@ pub(crate) async fn run_pod(
         _ = tokio::time::sleep(spec.queue_delay) => {}
         _ = cancel.changed() => return,
     }
+    // A simulator being dropped has removed the pod folders: never recreate them.
+    if *cancel.borrow() || !spec.dir.exists() {
+        return;
+    }
     if let Err(e) = write_volumes(&spec.dir, &request) {
         fail_all(&state, &spec.uid, "VolumeError", &e.to_string());
         return;
@@ -244,7 +248,10 @@ fn resolve_env(request: &PodCreateRequests, env: &[EnvVar]) -> BTreeMap<String, 
 /// Writes every mounted ConfigMap, Secret and projected volume under `<pod dir>/root/<mountPath>`.
 fn write_volumes(dir: &Path, request: &PodCreateRequests) -> std::io::Result<()> {
     let root = dir.join("root");
-    std::fs::create_dir_all(&root)?;
+    // `create_dir`, not `create_dir_all`: fails rather than recreate a removed pod folder.
+    if !root.exists() {
+        std::fs::create_dir(&root)?;
+    }
     let spec = request.pod.spec.clone().unwrap_or_default();
     let volumes = spec.volumes.unwrap_or_default();
     let all = spec
