@@ -32,6 +32,18 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
+    /// Waits until the namespace's `default` ServiceAccount exists (the controller-manager creates
+    /// it; the ServiceAccount admission plugin refuses pods before).
+    pub async fn default_service_account(&self) -> anyhow::Result<()> {
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.client.clone(), &self.name);
+        crate::wait::until("the default ServiceAccount", Duration::from_secs(60), || async {
+            sas.get_opt("default").await
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Runs `body` in a fresh namespace named after `test` and deletes the namespace afterwards.
     /// When the body fails or panics, prints the tail of every component's log, then fails.
     pub async fn run<F, Fut>(test: &str, body: F)

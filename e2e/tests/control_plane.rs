@@ -130,11 +130,7 @@ async fn garbage_collector_deletes_dependents_of_deleted_owner() {
 async fn scheduler_marks_unfittable_pod_unschedulable() {
     TestNamespace::run("unschedulable", |t| async move {
         // The ServiceAccount admission plugin rejects pods until the namespace's `default` SA exists.
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
 
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
         let pod: Pod = serde_json::from_value(json!({

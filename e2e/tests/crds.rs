@@ -96,12 +96,7 @@ async fn examples_apply_and_read_back_unchanged() {
     TestNamespace::run("crd-examples", |t| async move {
         install_crds(t.cluster).await?;
         // Pods are admitted only once the namespace's default ServiceAccount exists.
-        let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            kube::Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", Duration::from_secs(60), || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
         let files = yaml_files(&repo_root().join("examples"));
         ensure!(
             files.len() >= 8,

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, PostParams},
@@ -125,8 +125,7 @@ async fn pods_run_at_the_site_and_report_back() {
         let other_tenants = json!({"namespaceSelector": {"matchLabels": {"tenant": "someone-else"}}});
         sites.create(&PostParams::default(), &site(&t.name, &closed_site, &closed.url, other_tenants)?).await?;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        t.default_service_account().await?;
         let pp = PostParams::default();
         let result = async {
             wait_ready(&sites, &open_site).await?;
@@ -223,11 +222,7 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
             )
             .await?;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
         let result = async {
             wait_ready(&sites, &name).await?;
             for i in 0..200 {
@@ -328,11 +323,7 @@ async fn a_killed_operator_resumes_without_duplicates() {
             .create(&PostParams::default(), &site(&t.name, &sb, &b.url, json!({}))?)
             .await?;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
         let result = async {
             wait_ready(&sites, &sa).await?;
             wait_ready(&sites, &sb).await?;
@@ -395,8 +386,7 @@ async fn an_interlink_style_pod_runs_to_completion() {
         let name = format!("{}-vk", t.name);
         sites.create(&PostParams::default(), &site(&t.name, &name, &sim.url, json!({}))?).await?;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        t.default_service_account().await?;
         let result = async {
             wait_ready(&sites, &name).await?;
             let p: Pod = serde_json::from_value(json!({
@@ -452,11 +442,7 @@ async fn kubectl_logs_reach_the_site() {
             )
             .await?;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
         let result = async {
             wait_ready(&sites, &name).await?;
             pods.create(

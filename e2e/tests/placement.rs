@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, ServiceAccount},
+    core::v1::{Namespace, Pod},
     events::v1::Event,
 };
 use kube::{
@@ -108,8 +108,7 @@ async fn pods_go_to_the_best_site_and_explain_why() {
             "weights": {"queueTime": 60, "cost": 10, "freeCapacity": 10, "gpuFit": 20}}))?).await?;
         policies.create(&pp, &policy(&t.name, &cheap_pol, json!({"priority": 10,
             "weights": {"queueTime": 0, "cost": 90, "freeCapacity": 10, "gpuFit": 0}}))?).await?;
-        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        t.default_service_account().await?;
 
         let result = async {
             for name in [&hpc, &htc, &cloud] {

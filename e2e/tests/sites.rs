@@ -378,11 +378,7 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
             .await?;
         let node = format!("offload-{name}");
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
         let evict_after = Duration::from_secs(t.cluster.node_grace_seconds + t.cluster.toleration_seconds);
         // kube-controller-manager stops evicting when every node of a zone is unhealthy (it assumes
         // a partition), so two healthy peer nodes keep the zone "normal" and eviction possible.
@@ -483,11 +479,7 @@ async fn deleting_a_site_drains_its_pods_then_removes_its_node() {
             .await?;
         let node = format!("offload-{name}");
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(t.client.clone(), &t.name);
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(t.client.clone(), &t.name);
-        wait::until("the default ServiceAccount", TIMEOUT, || async {
-            sas.get_opt("default").await
-        })
-        .await?;
+        t.default_service_account().await?;
         let result = async {
             wait_ready(&sites, &name, true).await?;
             let pod = serde_json::from_value(json!({

@@ -110,7 +110,7 @@ async fn logs(
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default();
-    let Some(site) = node.strip_prefix("offload-") else {
+    let Some(site) = crate::controller::node::site_of_node(&node) else {
         return (
             StatusCode::NOT_FOUND,
             format!("pod is not on an offload node ({node})"),

@@ -105,7 +105,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
             .as_ref()
             .and_then(|s| s.node_name.as_deref())
             .unwrap_or_default();
-        return Ok(if node.starts_with("offload-") {
+        return Ok(if super::node::site_of_node(node).is_some() {
             Action::requeue(Duration::from_secs(2))
         } else {
             Action::await_change()

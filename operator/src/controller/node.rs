@@ -29,9 +29,16 @@ pub const UNREACHABLE_TAINT: &str = "offload.dev/unreachable";
 /// its kubelet, is alive, so kube-controller-manager never evicts pods that still run remotely).
 pub const REACHABLE_CONDITION: &str = "OffloadSiteReachable";
 
+const NODE_PREFIX: &str = "offload-";
+
 /// Node name of a site.
 pub fn node_name(site: &str) -> String {
-    format!("offload-{site}")
+    format!("{NODE_PREFIX}{site}")
+}
+
+/// The site a node name belongs to, if it is a site's virtual Node name.
+pub fn site_of_node(node: &str) -> Option<&str> {
+    node.strip_prefix(NODE_PREFIX)
 }
 
 /// Where the operator's kubelet endpoint (logs) is reached.
