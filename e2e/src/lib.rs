@@ -10,6 +10,7 @@
 #![allow(clippy::panic)]
 
 pub mod cluster;
+pub mod fixtures;
 pub mod namespace;
 pub mod operator;
 pub mod wait;

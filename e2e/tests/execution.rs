@@ -14,7 +14,8 @@ use kube::{
 };
 use offload_e2e::{
     TestNamespace,
-    operator::{Operator, TEST_LABEL},
+    fixtures::{delete_sites, site, wait_site_ready},
+    operator::Operator,
     sitesim::{SimConfig, SimHandle, faults},
     wait,
 };
@@ -22,19 +23,6 @@ use offload_operator::crd::OffloadSite;
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn site(ns: &str, name: &str, endpoint: &str, extra: Value) -> anyhow::Result<OffloadSite> {
-    let mut spec = json!({"endpoint": endpoint, "namespaceSelector": {}, "statusSyncIntervalSeconds": 1,
-        "capacity": {"cpu": "1000", "memory": "4Ti", "pods": 5000},
-        "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}});
-    spec.as_object_mut()
-        .context("spec")?
-        .extend(extra.as_object().cloned().unwrap_or_default());
-    Ok(serde_json::from_value(
-        json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
-        "metadata": {"name": name, "labels": {TEST_LABEL: ns}}, "spec": spec}),
-    )?)
-}
 
 /// A pod bound straight to the site's node (as kube-scheduler binds interLink-style pods).
 fn pod(name: &str, site: &str, script: &str, extra_spec: Value) -> anyhow::Result<Pod> {
@@ -79,39 +67,6 @@ fn exit_code(p: &Pod) -> Option<i32> {
         .map(|t| t.exit_code)
 }
 
-async fn wait_ready(sites: &Api<OffloadSite>, name: &str) -> anyhow::Result<()> {
-    wait::until(&format!("{name} Ready"), TIMEOUT, || async {
-        let s = sites.get(name).await?;
-        Ok::<_, kube::Error>(
-            s.status
-                .filter(|st| {
-                    st.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-                .map(|_| ()),
-        )
-    })
-    .await
-}
-
-async fn cleanup(t: &TestNamespace, sites: &Api<OffloadSite>, names: &[&str]) -> anyhow::Result<()> {
-    let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-    for p in pods.list(&ListParams::default()).await?.items {
-        let _ = pods.delete(&p.name_any(), &DeleteParams::default()).await;
-    }
-    for n in names {
-        let _ = sites.delete(n, &DeleteParams::default()).await;
-    }
-    for n in names {
-        wait::until("site gone", TIMEOUT, || async {
-            Ok::<_, kube::Error>(sites.get_opt(n).await?.is_none().then_some(()))
-        })
-        .await?;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn pods_run_at_the_site_and_report_back() {
     TestNamespace::run("exec-run", |t| async move {
@@ -128,8 +83,8 @@ async fn pods_run_at_the_site_and_report_back() {
         t.default_service_account().await?;
         let pp = PostParams::default();
         let result = async {
-            wait_ready(&sites, &open_site).await?;
-            wait_ready(&sites, &closed_site).await?;
+            wait_site_ready(&sites, &open_site).await?;
+            wait_site_ready(&sites, &closed_site).await?;
             // Success and failure with exit codes.
             pods.create(&pp, &pod("ok", &open_site, "echo hello from the site", json!({}))?).await?;
             pods.create(&pp, &pod("three", &open_site, "echo failing; exit 3", json!({}))?).await?;
@@ -197,7 +152,7 @@ async fn pods_run_at_the_site_and_report_back() {
             Ok(())
         }
         .await;
-        cleanup(&t, &sites, &[&open_site, &closed_site]).await?;
+        delete_sites(&t, &sites, &[&open_site, &closed_site]).await?;
         result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
     })
     .await;
@@ -224,7 +179,7 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
         t.default_service_account().await?;
         let result = async {
-            wait_ready(&sites, &name).await?;
+            wait_site_ready(&sites, &name).await?;
             for i in 0..200 {
                 let mut p = pod(&format!("p{i}"), &name, "", json!({}))?;
                 p.metadata.annotations = Some(
@@ -288,7 +243,7 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
             Ok(())
         }
         .await;
-        cleanup(&t, &sites, &[&name]).await?;
+        delete_sites(&t, &sites, &[&name]).await?;
         result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
     })
     .await;
@@ -325,8 +280,8 @@ async fn a_killed_operator_resumes_without_duplicates() {
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
         t.default_service_account().await?;
         let result = async {
-            wait_ready(&sites, &sa).await?;
-            wait_ready(&sites, &sb).await?;
+            wait_site_ready(&sites, &sa).await?;
+            wait_site_ready(&sites, &sb).await?;
             for i in 0..100 {
                 let target = if i % 2 == 0 { &sa } else { &sb };
                 let mut p = pod(&format!("burst-{i}"), target, "", json!({}))?;
@@ -369,7 +324,7 @@ async fn a_killed_operator_resumes_without_duplicates() {
             Ok(())
         }
         .await;
-        cleanup(&t, &sites, &[&sa, &sb]).await?;
+        delete_sites(&t, &sites, &[&sa, &sb]).await?;
         result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
     })
     .await;
@@ -388,7 +343,7 @@ async fn an_interlink_style_pod_runs_to_completion() {
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
         t.default_service_account().await?;
         let result = async {
-            wait_ready(&sites, &name).await?;
+            wait_site_ready(&sites, &name).await?;
             let p: Pod = serde_json::from_value(json!({
                 "metadata": {"name": "interlink-style"},
                 "spec": {"restartPolicy": "Never", "nodeSelector": {"offload.dev/site": name},
@@ -405,7 +360,7 @@ async fn an_interlink_style_pod_runs_to_completion() {
             Ok(())
         }
         .await;
-        cleanup(&t, &sites, &[&name]).await?;
+        delete_sites(&t, &sites, &[&name]).await?;
         result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
     })
     .await;
@@ -444,7 +399,7 @@ async fn kubectl_logs_reach_the_site() {
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
         t.default_service_account().await?;
         let result = async {
-            wait_ready(&sites, &name).await?;
+            wait_site_ready(&sites, &name).await?;
             pods.create(
                 &PostParams::default(),
                 &pod("done", &name, "echo one; echo two; echo three", json!({}))?,
@@ -479,7 +434,7 @@ async fn kubectl_logs_reach_the_site() {
             Ok(())
         }
         .await;
-        cleanup(&t, &sites, &[&name]).await?;
+        delete_sites(&t, &sites, &[&name]).await?;
         result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
     })
     .await;

@@ -82,7 +82,8 @@ struct RunArgs {
     /// `--kubelet-client-certificate` issuer).
     #[arg(long)]
     kubelet_client_ca: Option<PathBuf>,
-    /// Only manage OffloadSites matching this label selector (sharding, tests).
+    /// Only manage OffloadSites, OffloadPolicies and RemoteJobs matching this label selector
+    /// (sharding, tests). Pods naming a policy or site outside it are left to another operator.
     #[arg(long)]
     site_selector: Option<String>,
     /// Seconds between node lease renewals (a kubelet's default is 10).
@@ -204,8 +205,10 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         clients.clone(),
         settings.site_selector.clone(),
     );
+    let jobs = controller::remote_job::run(client.clone(), metrics.clone(), settings.site_selector.clone());
     tokio::select! {
         _ = controller::site::run(client, metrics, settings, clients, move || health.set_ready()) => {}
+        _ = jobs => {}
         _ = scheduler => {}
         _ = execution => {}
     }

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub pods: IntGaugeVec,
     /// Unix time of each site's last successful status sync (lag = now - this).
     pub last_status_sync: IntGaugeVec,
+    /// RemoteJobs by phase.
+    pub remotejobs: IntGaugeVec,
+    /// Finished RemoteJob attempts by site and outcome.
+    pub remotejob_attempts: IntCounterVec,
+    /// Time from a RemoteJob's first attempt to its end, by result.
+    pub remotejob_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -113,6 +119,40 @@ impl Metrics {
             ),
             &["site"],
         )?;
+        let remotejobs =
+            IntGaugeVec::new(Opts::new("offload_remotejobs", "RemoteJobs by phase"), &["phase"])?;
+        let remotejob_attempts = IntCounterVec::new(
+            Opts::new(
+                "offload_remotejob_attempts_total",
+                "Finished RemoteJob attempts, by site and outcome",
+            ),
+            &["site", "outcome"],
+        )?;
+        let remotejob_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "offload_remotejob_duration_seconds",
+                "Time from a RemoteJob's first attempt to its end, by result",
+            )
+            .buckets(vec![
+                1.0,
+                10.0,
+                60.0,
+                300.0,
+                900.0,
+                3600.0,
+                4.0 * 3600.0,
+                12.0 * 3600.0,
+                86400.0,
+                7.0 * 86400.0,
+            ]),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(remotejobs.clone()))?;
+        registry.register(Box::new(remotejob_attempts.clone()))?;
+        registry.register(Box::new(remotejob_duration.clone()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         registry.register(Box::new(pods.clone()))?;
         registry.register(Box::new(last_status_sync.clone()))?;
         registry.register(Box::new(status_sync_duration.clone()))?;
@@ -137,6 +177,9 @@ impl Metrics {
             bind_to_running,
             pods,
             last_status_sync,
+            remotejobs,
+            remotejob_attempts,
+            remotejob_duration,
         })
     }
 

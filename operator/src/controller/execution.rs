@@ -46,6 +46,18 @@ struct Ctx {
     created: Mutex<HashMap<String, (String, Instant)>>,
     /// Observed create-to-running moving average per site, in seconds.
     observed: Mutex<HashMap<String, f64>>,
+    /// Pods a site's status answer left out: how many answers in a row, since when.
+    missing: Mutex<HashMap<String, (String, u32, Instant)>>,
+}
+
+/// A pod the site's answers have left out this many times in a row, over at least this long, is
+/// lost (the site forgot it: restarted without state, purged, or deleted it behind our back).
+const LOST_AFTER_ANSWERS: u32 = 3;
+const LOST_AFTER: Duration = Duration::from_secs(30);
+
+/// Whether a pod missing from `answers` status answers in a row, first missed `since` ago, is lost.
+fn is_lost(answers: u32, since: Duration) -> bool {
+    answers >= LOST_AFTER_ANSWERS && since >= LOST_AFTER
 }
 
 /// Runs the execution controller and the per-site status sync until the process ends.
@@ -76,6 +88,7 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
         metrics,
         created: Mutex::default(),
         observed: Mutex::default(),
+        missing: Mutex::default(),
     });
     tokio::spawn(sync_forever(ctx.clone()));
     Controller::new(Api::<Pod>::all(client), watcher::Config::default().any_semantic())
@@ -559,11 +572,39 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         .with_label_values(&[&name])
         .observe(start.elapsed().as_secs_f64());
     let now = Time(jiff::Timestamp::now());
+    {
+        // Forget pods of this site that are no longer active.
+        let uids: std::collections::HashSet<String> = active.iter().filter_map(|p| p.uid()).collect();
+        let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
+        missing.retain(|uid, (site, _, _)| site != &name || uids.contains(uid));
+    }
     for pod in &active {
         let uid = pod.uid().unwrap_or_default();
         let Some(remote) = statuses.iter().find(|s| s.uid == uid) else {
+            let lost = {
+                let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = missing
+                    .entry(uid.clone())
+                    .or_insert_with(|| (name.clone(), 0, Instant::now()));
+                entry.1 += 1;
+                is_lost(entry.1, entry.2.elapsed())
+            };
+            if lost {
+                let jid = pod
+                    .annotations()
+                    .get(ANNOTATION_REMOTE_ID)
+                    .cloned()
+                    .unwrap_or_default();
+                let msg = format!("site {name} no longer knows the pod (job {jid}): it was lost there");
+                if let Err(e) = fail(ctx, pod, "OffloadLost", &msg).await {
+                    tracing::warn!(pod = %pod.name_any(), error = %e, "cannot fail a lost pod");
+                } else {
+                    ctx.missing.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+                }
+            }
             continue;
         };
+        ctx.missing.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
         let new = status_map::map(pod, remote, &now);
         if !status_map::changed(pod.status.as_ref(), &new) {
             continue;
@@ -615,4 +656,21 @@ enum SyncError {
     Kube(#[from] kube::Error),
     #[error("site: {0}")]
     Site(SiteError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::is_lost;
+
+    #[test]
+    fn a_pod_is_lost_only_after_several_answers_over_time() {
+        assert!(!is_lost(1, Duration::from_secs(600)), "one answer is not enough");
+        assert!(
+            !is_lost(10, Duration::from_secs(5)),
+            "a site's status cache may lag a new job"
+        );
+        assert!(is_lost(3, Duration::from_secs(30)));
+    }
 }

@@ -5,6 +5,7 @@ pub mod execution;
 pub mod lease;
 pub mod load;
 pub mod node;
+pub mod remote_job;
 pub mod scheduler;
 pub mod site;
 pub mod status_map;

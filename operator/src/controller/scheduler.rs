@@ -34,7 +34,8 @@ use super::node::{SITE_LABEL, node_name};
 use crate::{
     ANNOTATION_PLACEMENT_MAX,
     crd::{
-        ANNOTATION_PLACEMENT, ANNOTATION_POLICY, ANNOTATION_SITE, OffloadPolicy, OffloadSite,
+        ANNOTATION_EXCLUDE_SITES, ANNOTATION_PLACEMENT, ANNOTATION_POLICY, ANNOTATION_SITE, OffloadPolicy,
+        OffloadSite,
         common::{is_true, set_condition},
         policy::OffloadPolicyStatus,
     },
@@ -92,7 +93,16 @@ pub async fn run(client: Client, metrics: Metrics, selector: Option<String>) {
     );
     let mut told: HashMap<String, String> = HashMap::new();
     loop {
-        if let Err(e) = cycle(&client, &stores, &metrics, &recorder, &mut told).await {
+        if let Err(e) = cycle(
+            &client,
+            &stores,
+            &metrics,
+            &recorder,
+            &mut told,
+            selector.is_some(),
+        )
+        .await
+        {
             tracing::warn!(error = %e, "scheduling cycle failed");
         }
         let _ = tokio::time::timeout(TICK, wake.notified()).await;
@@ -128,6 +138,7 @@ async fn cycle(
     metrics: &Metrics,
     recorder: &Recorder,
     told: &mut HashMap<String, String>,
+    sharded: bool,
 ) -> Result<(), kube::Error> {
     let mut pending: Vec<Arc<Pod>> = stores
         .pods
@@ -163,6 +174,9 @@ async fn cycle(
             .and_then(|n| n.metadata.labels.clone())
             .unwrap_or_default();
         let needs = needs(&pod, ns_labels);
+        if sharded && !in_shard(&pod, &sites, &policies) {
+            continue;
+        }
         let policy = match choose_policy(&pod, &needs, &policies) {
             Ok(p) => p,
             Err(message) => {
@@ -171,7 +185,7 @@ async fn cycle(
                 continue;
             }
         };
-        let decision = placement::place(&needs, &policy, &snapshots, &[]);
+        let decision = placement::place(&needs, &policy, &snapshots, &excluded(&pod));
         metrics.placement_duration.observe(start.elapsed().as_secs_f64());
         match &decision.chosen {
             Some(site) => {
@@ -326,6 +340,30 @@ fn needs(pod: &Pod, namespace_labels: BTreeMap<String, String>) -> PodNeeds {
         requests: super::load::requests(pod),
         pinned_site: pod.annotations().get(ANNOTATION_SITE).cloned(),
     }
+}
+
+/// Sites the pod must avoid (`offload.dev/exclude-sites`, set on RemoteJob retries).
+fn excluded(pod: &Pod) -> Vec<String> {
+    pod.annotations()
+        .get(ANNOTATION_EXCLUDE_SITES)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// For a sharded operator (`--site-selector`): whether the pod's named policy or pinned site is
+/// one this operator manages. A pod naming neither is placed by any shard with a site for it.
+fn in_shard(pod: &Pod, sites: &[Arc<OffloadSite>], policies: &[Arc<OffloadPolicy>]) -> bool {
+    let a = pod.annotations();
+    a.get(ANNOTATION_POLICY)
+        .is_none_or(|n| policies.iter().any(|p| &p.name_any() == n))
+        && a.get(ANNOTATION_SITE)
+            .is_none_or(|n| sites.iter().any(|s| &s.name_any() == n))
 }
 
 /// The named policy (when the pod may use it), else the highest-priority matching one, else the
@@ -590,5 +628,5 @@ pub async fn explain(client: &Client, pod: &Pod, selector: Option<&str>) -> Resu
     let snapshots = snapshot(client, &sites)
         .await
         .map_err(|e| format!("cannot read the sites' load: {e}"))?;
-    Ok(placement::place(&needs, &policy, &snapshots, &[]))
+    Ok(placement::place(&needs, &policy, &snapshots, &excluded(pod)))
 }

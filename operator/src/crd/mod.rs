@@ -36,6 +36,15 @@ pub const ANNOTATION_REMOTE_ID: &str = "offload.dev/remote-id";
 /// Pod annotation written by the operator: the placement explanation (chosen site, ranking,
 /// reasons for rejected sites), as JSON.
 pub const ANNOTATION_PLACEMENT: &str = "offload.dev/placement";
+/// Pod annotation: comma-separated sites the pod must not be placed at (set by the RemoteJob
+/// controller on a retry after site failures, so the retry fails over).
+pub const ANNOTATION_EXCLUDE_SITES: &str = "offload.dev/exclude-sites";
+/// Pod label set by the RemoteJob controller: the UID of the RemoteJob that owns the pod.
+pub const LABEL_JOB_UID: &str = "offload.dev/remote-job-uid";
+/// Pod label set by the RemoteJob controller: the RemoteJob's name (when it fits in a label).
+pub const LABEL_JOB_NAME: &str = "offload.dev/remote-job";
+/// Pod label set by the RemoteJob controller: the attempt's index (0 for the first).
+pub const LABEL_ATTEMPT: &str = "offload.dev/attempt";
 
 /// The three CRDs, in the order they are printed and installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {

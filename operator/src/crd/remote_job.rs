@@ -72,6 +72,19 @@ pub struct RemoteJobSpec {
     #[serde(default = "default_true")]
     pub failover: bool,
 
+    /// Seconds to wait before the first retry; each further retry waits twice as long, up to
+    /// one hour.
+    #[serde(default = "default_backoff_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub backoff_seconds: i32,
+
+    /// Seconds an attempt may wait on a site that is not ready (unreachable, or refusing to take
+    /// the pod with retryable errors) before the attempt counts as a site failure and is retried
+    /// elsewhere.
+    #[serde(default = "default_site_failure_grace_seconds")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub site_failure_grace_seconds: i32,
+
     /// Seconds the job may run, counted from its first attempt's start; then it fails with reason
     /// `DeadlineExceeded` and its running attempt is deleted at its site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,6 +106,12 @@ fn default_retry_limit() -> i32 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_backoff_seconds() -> i32 {
+    10
+}
+fn default_site_failure_grace_seconds() -> i32 {
+    300
 }
 
 /// The RemoteJob CRD. The pod template's schema is Kubernetes' own; its descriptions are dropped
@@ -201,6 +220,10 @@ pub struct Attempt {
     /// Exit code of the first container that failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// What happened, in a sentence (e.g. the site's error text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub message: Option<String>,
 }
 
 /// Observed state of a RemoteJob, written by the operator.
@@ -210,7 +233,8 @@ pub struct RemoteJobStatus {
     /// Summary of where the job is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RemoteJobPhase>,
-    /// `Scheduled`, `Running`, `Complete`, `Failed` (so `kubectl wait --for=condition=Complete` works).
+    /// `Scheduled`, `Running`, `Complete`, `Failed` and `Suspended` (so `kubectl wait
+    /// --for=condition=Complete` works).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
@@ -229,10 +253,13 @@ pub struct RemoteJobStatus {
     /// Number of attempts so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_count: Option<i32>,
-    /// Every attempt, oldest first.
+    /// The attempts, oldest first (the last 100; `attemptCount` counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 101))]
     pub attempts: Vec<Attempt>,
+    /// Exit code of the last finished attempt (the first container that failed, else 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
     /// When the first attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,

@@ -1,0 +1,276 @@
+//! The RemoteJob controller: one pod per attempt, retries with backoff, failover away from sites
+//! that failed, deadline, suspend and time to live. It observes (the job, its pods read straight
+//! from the API server, the sites' readiness), decides with the pure [`plan`], acts, and reports.
+
+pub mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::Store,
+        watcher,
+    },
+};
+use serde_json::json;
+
+use self::plan::SiteView;
+use crate::{
+    crd::{LABEL_JOB_UID, OffloadSite, RemoteJob, remote_job::RemoteJobPhase},
+    metrics::Metrics,
+};
+
+const MANAGER: &str = "offload-operator";
+
+/// Why a RemoteJob reconciliation failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The attempt's pod name is taken by a pod another object owns.
+    #[error("pod {0} exists and does not belong to this RemoteJob")]
+    NameTaken(String),
+}
+
+struct Ctx {
+    client: Client,
+    sites: Store<OffloadSite>,
+    jobs: Store<RemoteJob>,
+    recorder: Recorder,
+    metrics: Metrics,
+}
+
+/// Runs the RemoteJob controller until the process ends. `selector` limits the jobs (and the
+/// sites it reads) as the operator's `--site-selector` does.
+pub async fn run(client: Client, metrics: Metrics, selector: Option<String>) {
+    let mut scoped = watcher::Config::default().any_semantic();
+    if let Some(s) = &selector {
+        scoped = scoped.labels(s);
+    }
+    let (sites, writer) = kube::runtime::reflector::store();
+    let site_stream = kube::runtime::reflector::reflector(
+        writer,
+        watcher(Api::<OffloadSite>::all(client.clone()), scoped.clone()),
+    );
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(site_stream);
+        while s.next().await.is_some() {}
+    });
+    let controller = Controller::new(Api::<RemoteJob>::all(client.clone()), scoped).owns(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_JOB_UID),
+    );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        client,
+        sites,
+        jobs: controller.store(),
+        recorder,
+        metrics,
+    });
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                // A pod owned by a job outside this operator's selector.
+                Err(kube::runtime::controller::Error::ObjectNotFound(_)) | Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "remote job reconcile"),
+            }
+        })
+        .await;
+}
+
+fn error_policy(job: Arc<RemoteJob>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(job = %job.name_any(), error = %err, "remote job reconcile failed; retrying");
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["remotejob", "error"])
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Each site's readiness, from its `Ready` condition.
+fn site_views(store: &Store<OffloadSite>) -> Vec<SiteView> {
+    store
+        .state()
+        .iter()
+        .map(|s| {
+            let ready = s
+                .status
+                .as_ref()
+                .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready"));
+            SiteView {
+                name: s.name_any(),
+                ready: ready.is_some_and(|c| c.status == "True"),
+                not_ready_since: ready
+                    .map(|c| c.last_transition_time.0)
+                    .or_else(|| s.metadata.creation_timestamp.as_ref().map(|t| t.0)),
+            }
+        })
+        .collect()
+}
+
+async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if job.metadata.deletion_timestamp.is_some() {
+        // Its pods are deleted by garbage collection; their remote jobs by the execution controller.
+        return Ok(Action::await_change());
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let uid = job.uid().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    // Read from the API server, not a cache: the attempt count must never run ahead of the pods.
+    let pods = pods_api
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB_UID}={uid}")))
+        .await?
+        .items;
+    let now = jiff::Timestamp::now();
+    let decision = plan::plan(&job, &pods, &site_views(&ctx.sites), now);
+
+    for action in &decision.actions {
+        match action {
+            plan::Action::CreatePod { index, exclude } => {
+                let pod = plan::attempt_pod(&job, *index, exclude);
+                let name = pod.name_any();
+                match pods_api.create(&PostParams::default(), &pod).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        // Made before a restart, or taken by someone else.
+                        let existing = pods_api.get(&name).await?;
+                        if existing.labels().get(LABEL_JOB_UID) != Some(&uid) {
+                            let note = format!("cannot create attempt pod {name}: the name is taken");
+                            publish(&ctx, &job, EventType::Warning, "FailedCreate", &note).await;
+                            return Err(Error::NameTaken(name));
+                        }
+                    }
+                    Err(e) => {
+                        let note = format!("cannot create attempt pod {name}: {e}");
+                        publish(&ctx, &job, EventType::Warning, "FailedCreate", &note).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            plan::Action::DeletePod { name } => match pods_api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            },
+            plan::Action::DeleteJob => {
+                let jobs: Api<RemoteJob> = Api::namespaced(ctx.client.clone(), &ns);
+                let dp = DeleteParams {
+                    propagation_policy: Some(PropagationPolicy::Background),
+                    ..DeleteParams::default()
+                };
+                match jobs.delete(&job.name_any(), &dp).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                tracing::info!(job = %job.name_any(), namespace = %ns, "finished job deleted after its TTL");
+                return Ok(Action::await_change());
+            }
+        }
+    }
+
+    if job.status.as_ref() != Some(&decision.status) {
+        let jobs: Api<RemoteJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch =
+            json!({"apiVersion": "offload.dev/v1alpha1", "kind": "RemoteJob", "status": decision.status});
+        jobs.patch_status(
+            &job.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+
+    // Report only after the status that records it was written, so a retry does not count twice.
+    for note in &decision.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(&ctx, &job, type_, note.reason, &note.message).await;
+    }
+    for a in &decision.ended {
+        let outcome = format!(
+            "{:?}",
+            a.outcome
+                .unwrap_or(crate::crd::remote_job::AttemptOutcome::Running)
+        );
+        ctx.metrics
+            .remotejob_attempts
+            .with_label_values(&[a.site.as_deref().unwrap_or(""), &outcome])
+            .inc();
+    }
+    if let Some((ok, secs)) = decision.finished {
+        ctx.metrics
+            .remotejob_duration
+            .with_label_values(&[if ok { "Succeeded" } else { "Failed" }])
+            .observe(secs);
+    }
+    count_phases(&ctx, &job, decision.status.phase);
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["remotejob", "ok"])
+        .inc();
+    Ok(decision
+        .requeue
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Jobs by phase, from the controller's cache (with this job's new phase).
+fn count_phases(ctx: &Ctx, job: &RemoteJob, phase: Option<RemoteJobPhase>) {
+    let uid = job.uid();
+    let mut counts = std::collections::BTreeMap::new();
+    for p in [
+        RemoteJobPhase::Pending,
+        RemoteJobPhase::Scheduled,
+        RemoteJobPhase::Running,
+        RemoteJobPhase::Succeeded,
+        RemoteJobPhase::Failed,
+    ] {
+        counts.insert(format!("{p:?}"), 0i64);
+    }
+    for j in ctx.jobs.state() {
+        let ph = if j.uid() == uid {
+            phase
+        } else {
+            j.status.as_ref().and_then(|s| s.phase)
+        };
+        *counts.entry(format!("{:?}", ph.unwrap_or_default())).or_default() += 1;
+    }
+    for (phase, n) in counts {
+        ctx.metrics.remotejobs.with_label_values(&[&phase]).set(n);
+    }
+}
+
+async fn publish(ctx: &Ctx, job: &RemoteJob, type_: EventType, reason: &str, note: &str) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an Event");
+    }
+}

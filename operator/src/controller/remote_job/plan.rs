@@ -1,0 +1,860 @@
+//! The RemoteJob decision (pure: no I/O, no clock). From a job, the pods it owns and the sites'
+//! readiness at one instant it computes the status the job should have, what to do (create an
+//! attempt's pod, delete a pod, delete the job), the Events to publish and when to look again.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::core::v1::{Pod, PodSpec},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+};
+use kube::{Resource, ResourceExt};
+
+use crate::{
+    controller::{load::is_finished, node::site_of_node},
+    crd::{
+        ANNOTATION_EXCLUDE_SITES, ANNOTATION_POLICY, ANNOTATION_REMOTE_ID, ANNOTATION_SITE, LABEL_ATTEMPT,
+        LABEL_JOB_NAME, LABEL_JOB_UID, RemoteJob, RemoteJobStatus,
+        common::set_condition,
+        remote_job::{Attempt, AttemptOutcome, RemoteJobPhase},
+    },
+};
+
+/// The scheduler that places attempt pods.
+pub const SCHEDULER_NAME: &str = "offload-scheduler";
+/// Longest wait between retries.
+pub const MAX_BACKOFF_SECONDS: i64 = 3600;
+/// Attempts kept in `status.attempts` (the CRD allows 101); older ones are dropped.
+pub const KEPT_ATTEMPTS: usize = 100;
+/// How often an active job is looked at even when nothing it watches changes.
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// Pod `status.reason`s that mean the site, not the application, failed the attempt.
+const SITE_REASONS: &[&str] = &[
+    "OffloadCreateFailed",
+    "OffloadLost",
+    "NamespaceNotAllowed",
+    "NodeLost",
+    "Evicted",
+    "Unschedulable",
+    "UnexpectedAdmissionError",
+];
+
+/// A site's readiness as the job controller sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteView {
+    /// Site name.
+    pub name: String,
+    /// Its `Ready` condition is true.
+    pub ready: bool,
+    /// Since when it has not been ready (meaningful when `ready` is false).
+    pub not_ready_since: Option<Timestamp>,
+}
+
+/// What the controller must do, in order, before it writes the status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create the attempt's pod (see [`attempt_pod`]).
+    CreatePod {
+        /// Attempt index.
+        index: i32,
+        /// Sites the attempt must not be placed at.
+        exclude: Vec<String>,
+    },
+    /// Delete a pod (its remote job is deleted at the site by the execution controller).
+    DeletePod {
+        /// Pod name.
+        name: String,
+    },
+    /// Delete the job (its pods go with it, by garbage collection).
+    DeleteJob,
+}
+
+/// An Event to publish on the job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// Event reason.
+    pub reason: &'static str,
+    /// Event note.
+    pub message: String,
+}
+
+/// The decision for one job.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// The status the job should have.
+    pub status: RemoteJobStatus,
+    /// What to do first.
+    pub actions: Vec<Action>,
+    /// Events for what changed.
+    pub notes: Vec<Note>,
+    /// When to look again.
+    pub requeue: Option<Duration>,
+    /// Attempts that ended in this decision (for metrics).
+    pub ended: Vec<Attempt>,
+    /// The job ended in this decision: succeeded, and seconds from its start.
+    pub finished: Option<(bool, f64)>,
+}
+
+/// The attempt pod's name: `<job>-<index>`, deterministic so a create after a restart finds the
+/// pod it already made.
+pub fn pod_name(job: &str, index: i32) -> String {
+    let suffix = format!("-{index}");
+    let keep = 253 - suffix.len();
+    let base: String = job.chars().take(keep).collect();
+    format!("{base}{suffix}")
+}
+
+/// The pod of one attempt: the template, placed by the offload scheduler (with the job's policy
+/// or pinned site and the sites to avoid), owned by the job, never restarted in place.
+pub fn attempt_pod(job: &RemoteJob, index: i32, exclude: &[String]) -> Pod {
+    let template = job.spec.template.clone();
+    let mut meta = template.metadata.unwrap_or_default();
+    let mut labels = meta.labels.take().unwrap_or_default();
+    labels.insert(LABEL_JOB_UID.into(), job.uid().unwrap_or_default());
+    let name = job.name_any();
+    if name.len() <= 63 {
+        labels.insert(LABEL_JOB_NAME.into(), name.clone());
+    }
+    labels.insert(LABEL_ATTEMPT.into(), index.to_string());
+    let mut annotations: BTreeMap<String, String> = meta.annotations.take().unwrap_or_default();
+    if let Some(policy) = &job.spec.policy {
+        annotations.insert(ANNOTATION_POLICY.into(), policy.clone());
+    }
+    if let Some(site) = &job.spec.site {
+        annotations.insert(ANNOTATION_SITE.into(), site.clone());
+    }
+    if !exclude.is_empty() {
+        annotations.insert(ANNOTATION_EXCLUDE_SITES.into(), exclude.join(","));
+    }
+    let owner = OwnerReference {
+        api_version: "offload.dev/v1alpha1".into(),
+        kind: "RemoteJob".into(),
+        name: name.clone(),
+        uid: job.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    let spec = PodSpec {
+        scheduler_name: Some(SCHEDULER_NAME.into()),
+        restart_policy: Some("Never".into()),
+        node_name: None,
+        ..template.spec.unwrap_or_default()
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name, index)),
+            namespace: job.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The attempt index a pod carries.
+pub fn attempt_of(pod: &Pod) -> Option<i32> {
+    pod.labels().get(LABEL_ATTEMPT)?.parse().ok()
+}
+
+/// How a pod of an attempt stands.
+#[derive(Clone, Debug, PartialEq)]
+enum PodState {
+    /// Not finished.
+    Active {
+        /// Bound to a site's node.
+        bound: bool,
+        /// When it was bound (or created).
+        bound_at: Timestamp,
+        /// Running at its site.
+        running: bool,
+        /// The first container's waiting reason and message.
+        waiting: Option<(String, String)>,
+        /// The scheduler's reason and message while unbound.
+        unscheduled: Option<(String, String)>,
+    },
+    /// Finished.
+    Done {
+        outcome: AttemptOutcome,
+        reason: String,
+        message: String,
+        exit_code: i32,
+        at: Option<Timestamp>,
+    },
+}
+
+fn ts(t: &Option<Time>) -> Option<Timestamp> {
+    t.as_ref().map(|t| t.0)
+}
+
+/// Reads a pod: finished or not, and when finished, whose fault it was.
+fn pod_state(pod: &Pod, now: Timestamp) -> PodState {
+    let status = pod.status.clone().unwrap_or_default();
+    let containers = status.container_statuses.clone().unwrap_or_default();
+    let terminated: Vec<_> = containers
+        .iter()
+        .filter_map(|c| {
+            c.state
+                .as_ref()
+                .and_then(|s| s.terminated.clone())
+                .map(|t| (c.name.clone(), t))
+        })
+        .collect();
+    let finished_at = terminated
+        .iter()
+        .filter_map(|(_, t)| ts(&t.finished_at))
+        .max()
+        .or(Some(now));
+    match status.phase.as_deref() {
+        Some("Succeeded") => {
+            return PodState::Done {
+                outcome: AttemptOutcome::Succeeded,
+                reason: "Completed".into(),
+                message: String::new(),
+                exit_code: 0,
+                at: finished_at,
+            };
+        }
+        Some("Failed") => {
+            let pod_reason = status.reason.clone().unwrap_or_default();
+            let pod_message = status.message.clone().unwrap_or_default();
+            let failed = terminated.iter().find(|(_, t)| t.exit_code != 0);
+            if SITE_REASONS.contains(&pod_reason.as_str()) {
+                return PodState::Done {
+                    outcome: AttemptOutcome::SiteFailure,
+                    reason: pod_reason,
+                    message: pod_message,
+                    exit_code: failed.map(|(_, t)| t.exit_code).unwrap_or(1),
+                    at: finished_at,
+                };
+            }
+            return match failed {
+                Some((name, t)) => PodState::Done {
+                    outcome: AttemptOutcome::ApplicationFailure,
+                    reason: t
+                        .reason
+                        .clone()
+                        .filter(|r| !r.is_empty())
+                        .unwrap_or_else(|| "Error".into()),
+                    message: t
+                        .message
+                        .clone()
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| format!("container {name} exited with code {}", t.exit_code)),
+                    exit_code: t.exit_code,
+                    at: finished_at,
+                },
+                None => PodState::Done {
+                    outcome: AttemptOutcome::SiteFailure,
+                    reason: if pod_reason.is_empty() {
+                        "PodFailed".into()
+                    } else {
+                        pod_reason
+                    },
+                    message: pod_message,
+                    exit_code: 1,
+                    at: finished_at,
+                },
+            };
+        }
+        _ => {}
+    }
+    let conditions = status.conditions.clone().unwrap_or_default();
+    let scheduled = conditions.iter().find(|c| c.type_ == "PodScheduled");
+    let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    let bound_at = scheduled
+        .filter(|c| c.status == "True")
+        .and_then(|c| ts(&c.last_transition_time))
+        .or_else(|| ts(&pod.metadata.creation_timestamp))
+        .unwrap_or(now);
+    let waiting = containers
+        .iter()
+        .find_map(|c| c.state.as_ref().and_then(|s| s.waiting.clone()))
+        .map(|w| (w.reason.unwrap_or_default(), w.message.unwrap_or_default()));
+    let unscheduled = scheduled.filter(|c| c.status == "False").map(|c| {
+        (
+            c.reason.clone().unwrap_or_default(),
+            c.message.clone().unwrap_or_default(),
+        )
+    });
+    PodState::Active {
+        bound,
+        bound_at,
+        running: status.phase.as_deref() == Some("Running"),
+        waiting,
+        unscheduled,
+    }
+}
+
+fn is_open(a: &Attempt) -> bool {
+    matches!(a.outcome, None | Some(AttemptOutcome::Running))
+}
+
+fn counts_as_failure(a: &Attempt) -> bool {
+    matches!(
+        a.outcome,
+        Some(AttemptOutcome::ApplicationFailure | AttemptOutcome::SiteFailure)
+    )
+}
+
+fn after(t: Timestamp, secs: i64) -> Timestamp {
+    t.checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn until(now: Timestamp, t: Timestamp) -> Duration {
+    Duration::from_secs_f64(t.duration_since(now).as_secs_f64().max(0.0)) + Duration::from_millis(100)
+}
+
+/// Wait before the retry that follows `failures` failed attempts.
+pub fn backoff_seconds(base: i32, failures: usize) -> i64 {
+    let exp = failures.saturating_sub(1).min(20) as u32;
+    (i64::from(base.max(0)) << exp).min(MAX_BACKOFF_SECONDS)
+}
+
+/// Ends an attempt.
+fn close(
+    a: &mut Attempt,
+    outcome: AttemptOutcome,
+    reason: &str,
+    message: String,
+    exit_code: Option<i32>,
+    at: Timestamp,
+) {
+    a.outcome = Some(outcome);
+    a.reason = Some(reason.chars().take(128).collect());
+    a.message = (!message.is_empty()).then(|| message.chars().take(4096).collect());
+    a.exit_code = exit_code;
+    a.finish_time = Some(Time(at));
+}
+
+fn outcome_name(o: Option<AttemptOutcome>) -> &'static str {
+    match o {
+        Some(AttemptOutcome::Succeeded) => "Succeeded",
+        Some(AttemptOutcome::ApplicationFailure) => "ApplicationFailure",
+        Some(AttemptOutcome::SiteFailure) => "SiteFailure",
+        Some(AttemptOutcome::DeadlineExceeded) => "DeadlineExceeded",
+        Some(AttemptOutcome::Cancelled) => "Cancelled",
+        Some(AttemptOutcome::Running) | None => "Running",
+    }
+}
+
+fn describe(a: &Attempt) -> String {
+    let mut s = format!(
+        "attempt {} at site {}: {} ({})",
+        a.index,
+        a.site.as_deref().unwrap_or("none"),
+        outcome_name(a.outcome),
+        a.reason.as_deref().unwrap_or("")
+    );
+    if let Some(code) = a.exit_code.filter(|c| *c != 0) {
+        s.push_str(&format!(", exit code {code}"));
+    }
+    if let Some(m) = &a.message {
+        s.push_str(": ");
+        s.push_str(m);
+    }
+    s
+}
+
+/// The decision for `job`, owning `pods`, with the sites as in `sites`, at `now`.
+pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -> Plan {
+    let spec = &job.spec;
+    let old = job.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let now_t = Time(now);
+    let generation = job.meta().generation;
+    st.observed_generation = generation;
+    let mut out = Plan::default();
+    let mut wake: Vec<Timestamp> = Vec::new();
+
+    // Pods the status does not know yet (made just before a restart): adopt them as attempts.
+    for pod in pods {
+        let Some(index) = attempt_of(pod) else { continue };
+        if st.attempts.iter().all(|a| a.index != index) {
+            st.attempts.push(Attempt {
+                index,
+                site: None,
+                pod: Some(pod.name_any()),
+                remote_id: None,
+                start_time: pod.metadata.creation_timestamp.clone().or(Some(now_t.clone())),
+                finish_time: None,
+                outcome: Some(AttemptOutcome::Running),
+                reason: None,
+                exit_code: None,
+                message: None,
+            });
+        }
+    }
+    st.attempts.sort_by_key(|a| a.index);
+    let done = st.completion_time.is_some();
+
+    // Follow each open attempt's pod.
+    let mut current: Option<(i32, PodState)> = None;
+    for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
+        let Some(pod) = pods.iter().find(|p| attempt_of(p) == Some(a.index)) else {
+            close(
+                a,
+                AttemptOutcome::SiteFailure,
+                "PodDeleted",
+                "the attempt's pod was deleted before it finished".into(),
+                None,
+                now,
+            );
+            out.ended.push(a.clone());
+            continue;
+        };
+        a.pod = Some(pod.name_any());
+        if let Some(site) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .and_then(site_of_node)
+        {
+            a.site = Some(site.to_string());
+        }
+        if let Some(id) = pod.annotations().get(ANNOTATION_REMOTE_ID) {
+            a.remote_id = Some(id.clone());
+        }
+        let state = pod_state(pod, now);
+        match &state {
+            PodState::Done {
+                outcome,
+                reason,
+                message,
+                exit_code,
+                at,
+            } => {
+                close(
+                    a,
+                    *outcome,
+                    reason,
+                    message.clone(),
+                    Some(*exit_code),
+                    at.unwrap_or(now),
+                );
+                out.ended.push(a.clone());
+            }
+            PodState::Active {
+                bound_at, waiting, ..
+            } if !done => {
+                let grace = i64::from(spec.site_failure_grace_seconds);
+                let site = a.site.as_ref().and_then(|s| sites.iter().find(|v| &v.name == s));
+                let down_since = site
+                    .filter(|v| !v.ready)
+                    .map(|v| v.not_ready_since.map_or(*bound_at, |t| t.max(*bound_at)));
+                let unavailable = waiting.as_ref().filter(|(r, _)| r == "SiteUnavailable");
+                if let Some(since) = down_since {
+                    let deadline = after(since, grace);
+                    if now >= deadline {
+                        let msg = format!(
+                            "site {} has not been ready for {grace}s",
+                            a.site.as_deref().unwrap_or_default()
+                        );
+                        close(a, AttemptOutcome::SiteFailure, "SiteUnreachable", msg, None, now);
+                        out.ended.push(a.clone());
+                        out.actions.push(Action::DeletePod { name: pod.name_any() });
+                        continue;
+                    }
+                    wake.push(deadline);
+                } else if let Some((_, message)) = unavailable {
+                    let deadline = after(*bound_at, grace);
+                    if now >= deadline {
+                        close(
+                            a,
+                            AttemptOutcome::SiteFailure,
+                            "SiteUnavailable",
+                            message.clone(),
+                            None,
+                            now,
+                        );
+                        out.ended.push(a.clone());
+                        out.actions.push(Action::DeletePod { name: pod.name_any() });
+                        continue;
+                    }
+                    wake.push(deadline);
+                }
+                current = Some((a.index, state.clone()));
+            }
+            PodState::Active { .. } => current = Some((a.index, state.clone())),
+        }
+    }
+
+    // Pods of closed attempts that still run (a cancelled or timed-out attempt whose delete was
+    // interrupted) are deleted again.
+    for pod in pods {
+        let closed = attempt_of(pod)
+            .and_then(|i| st.attempts.iter().find(|a| a.index == i))
+            .is_some_and(|a| !is_open(a) && a.outcome != Some(AttemptOutcome::Succeeded));
+        let deleting = pod.metadata.deletion_timestamp.is_some();
+        let name = pod.name_any();
+        if closed
+            && !deleting
+            && !is_finished(pod)
+            && !out.actions.contains(&Action::DeletePod { name: name.clone() })
+        {
+            out.actions.push(Action::DeletePod { name });
+        }
+    }
+
+    let finish = |st: &mut RemoteJobStatus, out: &mut Plan, ok: bool, reason: &str, message: String| {
+        st.completion_time = Some(now_t.clone());
+        st.phase = Some(if ok {
+            RemoteJobPhase::Succeeded
+        } else {
+            RemoteJobPhase::Failed
+        });
+        let c = &mut st.conditions;
+        set_condition(c, "Running", false, "Finished", "", generation, &now_t);
+        if ok {
+            set_condition(c, "Complete", true, reason, &message, generation, &now_t);
+        } else {
+            set_condition(c, "Failed", true, reason, &message, generation, &now_t);
+        }
+        out.notes.push(Note {
+            warning: !ok,
+            reason: if ok {
+                "Completed"
+            } else if reason == "DeadlineExceeded" {
+                "DeadlineExceeded"
+            } else {
+                "Failed"
+            },
+            message,
+        });
+        let started = st.start_time.as_ref().map_or(now, |t| t.0);
+        out.finished = Some((ok, now.duration_since(started).as_secs_f64().max(0.0)));
+    };
+
+    if !done {
+        // Deadline, counted from the first attempt's start.
+        let started = st
+            .attempts
+            .first()
+            .and_then(|a| a.start_time.clone())
+            .or(st.start_time.clone());
+        if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, started.as_ref()) {
+            let deadline = after(start.0, limit);
+            if now >= deadline {
+                for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
+                    let msg = format!("the job ran longer than its activeDeadlineSeconds ({limit}s)");
+                    close(
+                        a,
+                        AttemptOutcome::DeadlineExceeded,
+                        "DeadlineExceeded",
+                        msg,
+                        None,
+                        now,
+                    );
+                    out.ended.push(a.clone());
+                    if let Some(name) = &a.pod {
+                        out.actions.push(Action::DeletePod { name: name.clone() });
+                    }
+                }
+                current = None;
+                let msg = format!("the job ran longer than its activeDeadlineSeconds ({limit}s)");
+                finish(&mut st, &mut out, false, "DeadlineExceeded", msg);
+            } else {
+                wake.push(deadline);
+            }
+        }
+    }
+
+    if st.completion_time.is_none() {
+        let suspended_before = crate::crd::common::is_true(&st.conditions, "Suspended");
+        if spec.suspend {
+            for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
+                close(
+                    a,
+                    AttemptOutcome::Cancelled,
+                    "Suspended",
+                    "the job was suspended".into(),
+                    None,
+                    now,
+                );
+                out.ended.push(a.clone());
+                if let Some(name) = &a.pod {
+                    out.actions.push(Action::DeletePod { name: name.clone() });
+                }
+            }
+            current = None;
+            if !suspended_before {
+                out.notes.push(Note {
+                    warning: false,
+                    reason: "Suspended",
+                    message: "job suspended: no attempt runs until it is resumed".into(),
+                });
+            }
+            set_condition(
+                &mut st.conditions,
+                "Suspended",
+                true,
+                "Suspended",
+                "the job is suspended",
+                generation,
+                &now_t,
+            );
+        } else if st.conditions.iter().any(|c| c.type_ == "Suspended") {
+            if suspended_before {
+                out.notes.push(Note {
+                    warning: false,
+                    reason: "Resumed",
+                    message: "job resumed".into(),
+                });
+            }
+            set_condition(
+                &mut st.conditions,
+                "Suspended",
+                false,
+                "Resumed",
+                "",
+                generation,
+                &now_t,
+            );
+        }
+    }
+
+    let last_ended = st.attempts.iter().rev().find(|a| !is_open(a)).cloned();
+    if st.completion_time.is_none() && current.is_none() {
+        let failures = st.attempts.iter().filter(|a| counts_as_failure(a)).count();
+        if let Some(a) = last_ended
+            .as_ref()
+            .filter(|a| a.outcome == Some(AttemptOutcome::Succeeded))
+        {
+            let msg = format!(
+                "attempt {} succeeded at site {}",
+                a.index,
+                a.site.as_deref().unwrap_or("?")
+            );
+            finish(&mut st, &mut out, true, "Succeeded", msg);
+        } else if failures as i64 > i64::from(spec.retry_limit) {
+            let last = st.attempts.iter().rev().find(|a| counts_as_failure(a)).cloned();
+            let reason = outcome_name(last.as_ref().and_then(|a| a.outcome));
+            let msg = format!(
+                "{failures} attempt(s) failed, retry limit {}; the last: {}",
+                spec.retry_limit,
+                last.as_ref().map(describe).unwrap_or_default()
+            );
+            finish(&mut st, &mut out, false, reason, msg);
+        } else if !spec.suspend {
+            let next = st.attempts.iter().map(|a| a.index + 1).max().unwrap_or(0);
+            // A site failure retried at another site goes at once; a retry that may land
+            // where it failed before (an application failure, or no failover) backs off.
+            let fails_over = |a: &Attempt| {
+                a.outcome == Some(AttemptOutcome::SiteFailure)
+                    && a.site.is_some()
+                    && spec.failover
+                    && spec.site.is_none()
+            };
+            let ready_at = match (&last_ended, failures) {
+                (Some(a), f) if f > 0 && counts_as_failure(a) && !fails_over(a) => {
+                    let base = a.finish_time.as_ref().map_or(now, |t| t.0);
+                    Some(after(base, backoff_seconds(spec.backoff_seconds, f)))
+                }
+                _ => None,
+            };
+            match ready_at {
+                Some(t) if now < t => {
+                    wake.push(t);
+                    st.phase = Some(RemoteJobPhase::Pending);
+                    // A stable message (no countdown), so waiting writes nothing.
+                    st.message = Some(format!(
+                        "retrying at {} after {}",
+                        t.round(jiff::Unit::Second).unwrap_or(t),
+                        last_ended.as_ref().map(describe).unwrap_or_default()
+                    ));
+                }
+                _ => {
+                    let exclude: Vec<String> = if spec.failover && spec.site.is_none() {
+                        let mut v: Vec<String> = st
+                            .attempts
+                            .iter()
+                            .filter(|a| a.outcome == Some(AttemptOutcome::SiteFailure))
+                            .filter_map(|a| a.site.clone())
+                            .collect();
+                        v.sort();
+                        v.dedup();
+                        v
+                    } else {
+                        Vec::new()
+                    };
+                    let name = pod_name(&job.name_any(), next);
+                    out.actions.push(Action::CreatePod {
+                        index: next,
+                        exclude: exclude.clone(),
+                    });
+                    st.attempts.push(Attempt {
+                        index: next,
+                        site: None,
+                        pod: Some(name.clone()),
+                        remote_id: None,
+                        start_time: Some(now_t.clone()),
+                        finish_time: None,
+                        outcome: Some(AttemptOutcome::Running),
+                        reason: None,
+                        exit_code: None,
+                        message: None,
+                    });
+                    let mut msg = format!("attempt {next} created as pod {name}");
+                    if !exclude.is_empty() {
+                        msg.push_str(&format!(", avoiding site(s) {}", exclude.join(", ")));
+                    }
+                    out.notes.push(Note {
+                        warning: false,
+                        reason: "AttemptCreated",
+                        message: msg,
+                    });
+                    current = Some((
+                        next,
+                        PodState::Active {
+                            bound: false,
+                            bound_at: now,
+                            running: false,
+                            waiting: None,
+                            unscheduled: None,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    // Events for the attempts that ended now.
+    for a in &out.ended {
+        let ok = a.outcome == Some(AttemptOutcome::Succeeded);
+        out.notes.insert(
+            0,
+            Note {
+                warning: !ok,
+                reason: if ok { "AttemptSucceeded" } else { "AttemptFailed" },
+                message: describe(a),
+            },
+        );
+    }
+
+    // Phase and conditions of the job while it is not finished.
+    if st.completion_time.is_none() {
+        let c = &mut st.conditions;
+        match &current {
+            Some((
+                index,
+                PodState::Active {
+                    bound,
+                    running,
+                    unscheduled,
+                    ..
+                },
+            )) => {
+                let site = st
+                    .attempts
+                    .iter()
+                    .find(|a| a.index == *index)
+                    .and_then(|a| a.site.clone())
+                    .unwrap_or_default();
+                if *bound {
+                    let msg = format!("attempt {index} is at site {site}");
+                    set_condition(c, "Scheduled", true, "Scheduled", &msg, generation, &now_t);
+                } else {
+                    let (reason, msg) = unscheduled.clone().unwrap_or_else(|| {
+                        ("Pending".into(), format!("attempt {index} waits for placement"))
+                    });
+                    let reason = if reason.is_empty() {
+                        "Pending".into()
+                    } else {
+                        reason
+                    };
+                    set_condition(c, "Scheduled", false, &reason, &msg, generation, &now_t);
+                }
+                if *running {
+                    let msg = format!("attempt {index} runs at site {site}");
+                    set_condition(c, "Running", true, "Running", &msg, generation, &now_t);
+                    st.phase = Some(RemoteJobPhase::Running);
+                } else {
+                    set_condition(c, "Running", false, "NotRunning", "", generation, &now_t);
+                    st.phase = Some(if *bound {
+                        RemoteJobPhase::Scheduled
+                    } else {
+                        RemoteJobPhase::Pending
+                    });
+                }
+                st.message = Some(match (bound, running) {
+                    (_, true) => format!("attempt {index} runs at site {site}"),
+                    (true, false) => format!("attempt {index} is queued at site {site}"),
+                    _ => unscheduled
+                        .as_ref()
+                        .map(|(_, m)| format!("attempt {index} waits for placement: {m}"))
+                        .unwrap_or_else(|| format!("attempt {index} waits for placement")),
+                });
+            }
+            _ => {
+                st.phase = Some(RemoteJobPhase::Pending);
+                if spec.suspend {
+                    st.message = Some("suspended".into());
+                }
+                set_condition(
+                    c,
+                    "Scheduled",
+                    false,
+                    "Pending",
+                    "no attempt is placed",
+                    generation,
+                    &now_t,
+                );
+                set_condition(c, "Running", false, "NotRunning", "", generation, &now_t);
+            }
+        }
+    } else {
+        st.message = st
+            .conditions
+            .iter()
+            .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            .map(|c| c.message.clone());
+    }
+
+    // The job's summary fields follow its latest attempt.
+    if st.attempts.len() > KEPT_ATTEMPTS {
+        let drop = st.attempts.len() - KEPT_ATTEMPTS;
+        st.attempts.drain(..drop);
+    }
+    let latest = st.attempts.last().cloned();
+    st.attempt_count = st.attempts.iter().map(|a| a.index + 1).max();
+    st.site = latest.as_ref().and_then(|a| a.site.clone());
+    st.pod = latest.as_ref().and_then(|a| a.pod.clone());
+    st.remote_id = latest.as_ref().and_then(|a| a.remote_id.clone());
+    st.exit_code = st
+        .attempts
+        .iter()
+        .rev()
+        .find(|a| !is_open(a) && a.exit_code.is_some())
+        .and_then(|a| a.exit_code);
+    if st.start_time.is_none() {
+        st.start_time = st.attempts.first().and_then(|a| a.start_time.clone());
+    }
+
+    // Time to live after the end.
+    if let (Some(end), Some(ttl)) = (&st.completion_time, spec.ttl_seconds_after_finished) {
+        let expiry = after(end.0, i64::from(ttl));
+        if now >= expiry {
+            out.actions.push(Action::DeleteJob);
+        } else {
+            wake.push(expiry);
+        }
+    }
+
+    let next = wake.into_iter().min().map(|t| until(now, t));
+    out.requeue = match (next, st.completion_time.is_some()) {
+        (Some(d), _) => Some(d.min(RESYNC)),
+        (None, false) => Some(RESYNC),
+        (None, true) => None,
+    };
+    // Conditions keep their transition times; nothing else in the status depends on `now`
+    // unless something changed, so an unchanged job writes nothing.
+    out.status = st;
+    out
+}
