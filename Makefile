@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_BIN := e2e/bin
 
-.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane cluster-up cluster-down
+.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane cluster-up cluster-down demo demo-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -45,3 +45,9 @@ cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DI
 
 cluster-down: ## stop the control plane started by cluster-up and remove its state
 	@$(E2E_BIN)/cluster-down
+
+demo: control-plane build ## control plane + 3 simulated sites + the operator; applies examples/ and narrates (Ctrl-C stops)
+	$(E2E_BIN)/demo
+
+demo-down: ## stop a demo started elsewhere and remove its state (.demo/)
+	$(E2E_BIN)/demo --down

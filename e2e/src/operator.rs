@@ -101,6 +101,22 @@ impl Operator {
     pub async fn start_with(cluster: &Cluster, namespace: &str, extra: &[&str]) -> anyhow::Result<Operator> {
         install_crds(cluster).await?;
         install_rbac(cluster, namespace)?;
+        // A port found free may be taken (by a simulator binding port 0) before the operator binds
+        // it: then the operator exits at once, and is started again on new ports.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::spawn(cluster, namespace, extra).await {
+                Ok(op) => return Ok(op),
+                Err(e) if tries < 4 && format!("{e:#}").contains("Address already in use") => {
+                    tracing::warn!("operator could not bind its ports; starting it again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn spawn(cluster: &Cluster, namespace: &str, extra: &[&str]) -> anyhow::Result<Operator> {
         let port = free_port()?;
         let kubelet_port = free_port()?;
         let log = cluster.dir.join(format!("operator-{namespace}.log"));
@@ -139,16 +155,27 @@ impl Operator {
             kubelet_port,
         };
         let url = format!("{}/readyz", op.metrics_url);
-        let ready = wait::until("the operator's /readyz", Duration::from_secs(60), || async {
-            Ok::<_, anyhow::Error>(
-                http_get(&url)
-                    .await
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(|_| ()),
-            )
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let ready = loop {
+            if let Some(status) = op.child.try_wait()? {
+                break Err(anyhow::anyhow!("the operator exited: {status}"));
+            }
+            if http_get(&url).await.ok().is_some_and(|(code, _)| code == 200) {
+                // Still running a moment later (a failed bind ends it just after the metrics
+                // server starts)?
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match op.child.try_wait()? {
+                    Some(status) => break Err(anyhow::anyhow!("the operator exited: {status}")),
+                    None => break Ok(()),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break Err(anyhow::anyhow!(
+                    "timed out after 60s waiting for the operator's /readyz"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         if let Err(e) = ready {
             let _ = op.child.start_kill();
             anyhow::bail!("{e}\n{}", op.log_tail(60));
