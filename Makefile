@@ -4,7 +4,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_BIN := e2e/bin
 
-.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane cluster-up cluster-down demo demo-down
+.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane cluster-up cluster-down demo demo-down \
+	interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,12 +34,19 @@ crds: build ## regenerate crds/ from the Rust types (a unit test fails when they
 control-plane: ## build (once) the Kubernetes control-plane binaries into the cache folder
 	$(E2E_BIN)/build-control-plane
 
-# One control plane shared by every e2e test binary, stopped however the run ends.
-e2e: control-plane build ## end-to-end tests against a real control plane started for the run
+# One control plane shared by every e2e test binary, stopped however the run ends. The real
+# interLink chain (Slurm, SLURM plugin, interLink API server) is started too when its binaries can
+# be built (build-interlink needs the pinned interLink sources: from the Go module proxy, or a
+# local git repository; see docs/interlink-compatibility.md); tests that need it skip otherwise.
+e2e: control-plane build ## end-to-end tests against a real control plane (and interLink + Slurm when buildable)
 	@dir=$$(mktemp -d /tmp/offload-e2e-make.XXXXXX); \
-	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
+	trap '$(E2E_BIN)/interlink-down "'"$$dir"'/interlink"; $(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
 	E2E_FAST_NODE_LIFECYCLE=1 $(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
-	OFFLOAD_E2E_CLUSTER="$$dir" $(CARGO) test -p offload-e2e --tests -- $(E2E_ARGS)
+	il=""; \
+	if $(E2E_BIN)/build-interlink >/dev/null; then \
+	  il=$$($(E2E_BIN)/interlink-up "$$dir/interlink" | tail -n 1) || { echo "make e2e: interlink-up failed; the interLink/Slurm tests will skip" >&2; il=""; }; \
+	else echo "make e2e: interLink binaries unavailable; the interLink/Slurm tests will skip" >&2; fi; \
+	OFFLOAD_E2E_CLUSTER="$$dir" OFFLOAD_E2E_INTERLINK="$$il" $(CARGO) test -p offload-e2e --tests -- $(E2E_ARGS)
 
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
 	@$(E2E_BIN)/cluster-up
@@ -51,3 +59,17 @@ demo: control-plane build ## control plane + 3 simulated sites + the operator; a
 
 demo-down: ## stop a demo started elsewhere and remove its state (.demo/)
 	$(E2E_BIN)/demo --down
+interlink: ## build (once) the interLink API server and SLURM plugin into the cache folder
+	$(E2E_BIN)/build-interlink
+
+interlink-up: ## start Slurm, the interLink SLURM plugin and API server (state in .interlink/); prints the env file
+	@$(E2E_BIN)/interlink-up
+
+interlink-down: ## stop what interlink-up started and remove its state
+	@$(E2E_BIN)/interlink-down
+
+slurm-up: ## start a single-host Slurm (state in .slurm/)
+	@$(E2E_BIN)/slurm-up
+
+slurm-down: ## stop the Slurm started by slurm-up
+	@$(E2E_BIN)/slurm-down
