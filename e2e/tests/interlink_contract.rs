@@ -639,6 +639,8 @@ async fn create_retries_never_submit_twice() {
         retry: quick_retry(),
         timeouts: Timeouts {
             create: Duration::from_millis(300),
+            // This site shows new pods at once; waiting longer would only slow the test.
+            create_settle: Duration::from_millis(300),
             ..Timeouts::default()
         },
         ..Default::default()
@@ -804,4 +806,60 @@ async fn unix_socket_endpoint() {
     assert_eq!(sim.stats().creates_per_uid.get(&uid(1)), Some(&1));
     drop(sim);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// interLink 0.6.2 in front of its SLURM plugin: a new pod appears in `/status` only after a lag,
+/// an unknown pod is echoed back with empty states and no job id, deleting an unknown pod answers
+/// a bare 500, and `/pinglink` answers `sinfo` text. None of it may make the client submit a pod
+/// twice, or take a pod for created when it is not.
+#[tokio::test]
+async fn slurm_plugin_answers_cause_no_second_and_no_phantom_submission() {
+    let sim = start_sim("slurm-plugin", |c| c.slurm_plugin = true).await;
+    let c = SiteClient::new(SiteConfig {
+        endpoint: sim.url.clone(),
+        retry: quick_retry(),
+        timeouts: Timeouts {
+            create: Duration::from_millis(300),
+            create_settle: sitesim::SLURM_STATUS_LAG * 2,
+            ..Timeouts::default()
+        },
+        ..Default::default()
+    })
+    .expect("client");
+
+    // Never created: echoed, but not known.
+    let never = simulated("never", 20, 1.0);
+    let echoed = c.status(std::slice::from_ref(&never)).await.expect("status");
+    assert_eq!(echoed.len(), 1, "{echoed:?}");
+    assert!(!echoed[0].is_known(), "{echoed:?}");
+
+    // The answer to a create is lost; the pod shows up only after the lag: no second submission.
+    let lost = simulated("lost", 21, 30.0);
+    sim.inject(Fault {
+        op: "create".into(),
+        kind: FaultKind::LoseAnswer,
+        count: 1,
+    });
+    let (_, adopted) = c.create_idempotent(&request(&lost)).await.expect("created once");
+    assert!(adopted, "found once the site showed it");
+    assert_eq!(sim.stats().creates_per_uid.get(&uid(21)), Some(&1));
+
+    // Refused before anything happened (a bare 503 the simulator answers without creating):
+    // the echo is not taken for the pod, which is then submitted once.
+    let refused = simulated("refused", 22, 1.0);
+    sim.inject(status("create", 503, ""));
+    let (_, adopted) = c.create_idempotent(&request(&refused)).await.expect("created");
+    assert!(!adopted);
+    assert_eq!(sim.stats().creates_per_uid.get(&uid(22)), Some(&1));
+
+    // Deleting a pod the site does not have: a bare 500, which alone looks transient; the
+    // status answer (an echo) says the pod is not there.
+    let err = c.delete(&never).await.expect_err("unknown pod");
+    assert!(matches!(err, Error::Status { code: 500, .. }), "{err:?}");
+    let after = c.status(std::slice::from_ref(&never)).await.expect("status");
+    assert!(after.iter().all(|s| !s.is_known()));
+
+    // `sinfo` text on /pinglink is a healthy answer without capacity.
+    let ping = c.ping().await.expect("ping");
+    assert!(ping.response.is_none());
 }

@@ -545,3 +545,80 @@ async fn status_stays_correct_across_an_operator_restart_during_a_retry() {
     })
     .await;
 }
+
+/// Sites answering as interLink in front of the SLURM plugin does. The first loses the job's pod
+/// (purged: its status answers echo the pod back with empty states): the pod fails `OffloadLost`,
+/// and the job fails over to the second site.
+#[tokio::test]
+async fn a_pod_lost_by_its_site_fails_over() {
+    TestNamespace::run("rjob-lost", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let slurm = || SimConfig {
+            slurm_plugin: true,
+            ..SimConfig::default()
+        };
+        let (a, b) = (SimHandle::start(slurm()).await?, SimHandle::start(slurm()).await?);
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let (first, second) = (format!("{}-a", t.name), format!("{}-b", t.name));
+        sites
+            .create(&PostParams::default(), &site(&t.name, &first, &a.url, json!({}))?)
+            .await?;
+        sites
+            .create(
+                &PostParams::default(),
+                &site(&t.name, &second, &b.url, json!({}))?,
+            )
+            .await?;
+        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
+        policies
+            .create(
+                &PostParams::default(),
+                &policy(&t.name, &t.name, &[&first, &second])?,
+            )
+            .await?;
+        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
+        t.default_service_account().await?;
+        let result = async {
+            wait_site_ready(&sites, &first).await?;
+            wait_site_ready(&sites, &second).await?;
+            // The first run waits to be lost; the second finishes.
+            let mark = t.cluster.dir.join(format!("lost-{}", t.name));
+            let script = format!(
+                "if [ -e {m} ]; then echo second run; exit 0; fi; touch {m}; exec sleep 300",
+                m = mark.display()
+            );
+            jobs.create(
+                &PostParams::default(),
+                &job(&t.name, "castaway", &t.name, &script, json!({}))?,
+            )
+            .await?;
+            finished(&jobs, "castaway", RemoteJobPhase::Running).await?;
+            ensure!(a.forget_all() == 1, "the job ran at the first site");
+            let j = finished(&jobs, "castaway", RemoteJobPhase::Succeeded).await?;
+            let st = j.status.context("status")?;
+            ensure!(st.attempts.len() == 2, "{st:?}");
+            let a0 = &st.attempts[0];
+            ensure!(a0.site.as_deref() == Some(first.as_str()), "{a0:?}");
+            ensure!(
+                a0.outcome == Some(AttemptOutcome::SiteFailure)
+                    && a0.reason.as_deref() == Some("OffloadLost"),
+                "{a0:?}"
+            );
+            ensure!(st.attempts[1].site.as_deref() == Some(second.as_str()), "{st:?}");
+            // Each site got the pod once: the echoes were never taken for a created pod.
+            for sim in [&a, &b] {
+                let creates = sim.stats().creates_per_uid;
+                ensure!(
+                    creates.len() == 1 && creates.values().all(|n| *n == 1),
+                    "{creates:?}"
+                );
+            }
+            Ok(())
+        }
+        .await;
+        delete_sites(&t, &sites, &[&first, &second]).await?;
+        policies.delete(&t.name, &DeleteParams::default()).await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+    })
+    .await;
+}

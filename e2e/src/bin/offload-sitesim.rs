@@ -61,6 +61,11 @@ struct Args {
     /// Listen on this unix socket instead of TCP.
     #[arg(long, conflicts_with_all = ["tls_cert", "listen"])]
     unix_socket: Option<PathBuf>,
+    /// Answer as interLink 0.6.2 in front of its SLURM plugin does (no job ids, a status lag after
+    /// create, unknown pods echoed with empty states, a bare 500 on deleting an unknown pod,
+    /// `sinfo` text on /pinglink).
+    #[arg(long)]
+    slurm_plugin: bool,
     /// Fail one request in every N with HTTP 500 (0: never).
     #[arg(long, default_value_t = 0)]
     fail_every: u64,
@@ -107,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         unix_socket: args.unix_socket,
         every_nth_error: args.fail_every,
+        slurm_plugin: args.slurm_plugin,
         ..SimConfig::default()
     };
     if let Some(dir) = args.work_dir {

@@ -12,7 +12,7 @@ mod server;
 mod state;
 
 pub use faults::{Fault, FaultKind};
-pub use server::{SimConfig, SimHandle, Tls};
+pub use server::{SLURM_STATUS_LAG, SimConfig, SimHandle, Tls};
 pub use state::{GpuSpec, Stats};
 
 /// Pod annotation: run this pod as timers instead of processes (`"true"`).

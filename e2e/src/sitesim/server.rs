@@ -99,7 +99,17 @@ pub struct SimConfig {
     pub unix_socket: Option<PathBuf>,
     /// Remove `work_dir` when the simulator is dropped (tests leave nothing behind).
     pub remove_work_dir: bool,
+    /// Answer as interLink 0.6.2's API server in front of the SLURM plugin 0.6.2-pre5 does
+    /// (docs/interlink-compatibility.md): no status for a pod's first `SLURM_STATUS_LAG`, then no
+    /// job id and `waiting: {}` without a reason while queued; a pod it does not know is echoed
+    /// back with empty container states; deleting one answers a bare 500; `/pinglink` answers
+    /// `sinfo -s` text.
+    pub slurm_plugin: bool,
 }
+
+/// How long a new pod is absent from status answers in `slurm_plugin` mode (the plugin runs
+/// `squeue` at most every 10 s; shorter here to keep tests quick).
+pub const SLURM_STATUS_LAG: Duration = Duration::from_secs(3);
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -120,6 +130,7 @@ impl Default for SimConfig {
             every_nth_error: 0,
             unix_socket: None,
             remove_work_dir: true,
+            slurm_plugin: false,
         }
     }
 }
@@ -211,6 +222,17 @@ impl SimHandle {
     /// Stops accepting connections for `d` (connections are refused), then comes back.
     pub fn go_down(&self, d: Duration) {
         let _ = self.down.send(Some(d));
+    }
+
+    /// Forgets every pod the site has, stopping their processes, as a site that lost its state
+    /// (a purge, a restart without persistence) would. Returns how many there were.
+    pub fn forget_all(&self) -> usize {
+        let mut inner = self.state.lock();
+        let pods: Vec<_> = inner.pods.drain().collect();
+        for (_, p) in &pods {
+            let _ = p.cancel.send(true);
+        }
+        pods.len()
     }
 
     /// Number of pods the site knows.
@@ -418,6 +440,7 @@ async fn create(AxState(app): AxState<App>, body: Bytes) -> Response {
             init: pod_spec.init_containers.iter().flatten().map(to_sim).collect(),
             containers: pod_spec.containers.iter().map(to_sim).collect(),
             cancel,
+            created: std::time::Instant::now(),
         },
     );
     drop(inner);
@@ -448,8 +471,13 @@ async fn delete(AxState(app): AxState<App>, body: Bytes) -> Response {
     let uid = pod.metadata.uid.unwrap_or_default();
     let mut inner = app.state.lock();
     inner.stats.deletes += 1;
-    if let Some(p) = inner.pods.remove(&uid) {
-        let _ = p.cancel.send(true);
+    match inner.pods.remove(&uid) {
+        Some(p) => {
+            let _ = p.cancel.send(true);
+        }
+        // The SLURM plugin finds no job folder and answers a bare 500.
+        None if app.config.slurm_plugin => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        None => {}
     }
     "All containers for submitted Pods have been deleted".into_response()
 }
@@ -461,22 +489,73 @@ async fn status(AxState(app): AxState<App>, body: Bytes) -> Response {
     inner.stats.status_requests += 1;
     inner.stats.status_pods += pods.len() as u64;
     inner.stats.max_pods_per_status = inner.stats.max_pods_per_status.max(pods.len() as u64);
+    let slurm = app.config.slurm_plugin;
     let out: Vec<PodStatus> = if pods.is_empty() {
         inner.pods.iter().map(|(uid, p)| p.status(uid)).collect()
     } else {
         pods.iter()
             .filter_map(|p| {
                 let uid = p.metadata.uid.as_deref()?;
-                inner.pods.get(uid).map(|sim| sim.status(uid))
+                match inner.pods.get(uid) {
+                    Some(sim) if slurm && sim.created.elapsed() < SLURM_STATUS_LAG => None,
+                    Some(sim) => Some(sim.status(uid)),
+                    None if slurm => Some(unknown_pod(p)),
+                    None => None,
+                }
             })
             .collect()
     };
+    if !slurm {
+        return Json(out).into_response();
+    }
+    // The plugin fills no job id and gives no reason while a job waits in the queue.
+    let out: Vec<PodStatus> = out
+        .into_iter()
+        .map(|mut s| {
+            s.jid.clear();
+            for c in s.containers.iter_mut().chain(s.init_containers.iter_mut()) {
+                if let Some(w) = c.state.waiting.as_mut() {
+                    *w = Default::default();
+                }
+            }
+            s
+        })
+        .collect();
+    if out.is_empty() {
+        return "null".into_response();
+    }
     Json(out).into_response()
+}
+
+/// What the SLURM plugin answers for a pod it has no job for: the pod, with empty states.
+fn unknown_pod(p: &Pod) -> PodStatus {
+    let names = |list: Option<&Vec<k8s_openapi::api::core::v1::Container>>| {
+        list.into_iter()
+            .flatten()
+            .map(|c| offload_operator::interlink::wire::ContainerStatus {
+                name: c.name.clone(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let spec = p.spec.as_ref();
+    PodStatus {
+        name: p.metadata.name.clone().unwrap_or_default(),
+        uid: p.metadata.uid.clone().unwrap_or_default(),
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        jid: String::new(),
+        containers: names(spec.map(|s| &s.containers)),
+        init_containers: names(spec.and_then(|s| s.init_containers.as_ref())),
+    }
 }
 
 async fn ping(AxState(app): AxState<App>) -> Response {
     app.state.lock().stats.pings += 1;
     let c = &app.config;
+    if c.slurm_plugin {
+        return "PARTITION AVAIL  TIMELIMIT   NODES(A/I/O/T) NODELIST\ndebug*       up   infinite          0/1/0/1 sitesim\n"
+            .into_response();
+    }
     if c.legacy_ping {
         return "[]".into_response();
     }

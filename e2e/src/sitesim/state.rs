@@ -62,6 +62,8 @@ pub(crate) struct SimPod {
     pub containers: Vec<SimContainer>,
     /// Set to true to stop the pod's processes.
     pub cancel: watch::Sender<bool>,
+    /// When it was submitted.
+    pub created: std::time::Instant,
 }
 
 impl SimPod {

@@ -170,7 +170,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
         .status(std::slice::from_ref(&*pod))
         .await
         .ok()
-        .and_then(|s| s.into_iter().find(|s| s.uid == uid));
+        .and_then(|s| s.into_iter().find(|s| s.uid == uid && s.is_known()));
     let outcome = match known {
         Some(found) => Ok(found.jid),
         None => client.create_idempotent(&request).await.map(|(c, _)| c.pod_jid),
@@ -244,7 +244,7 @@ async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Act
                 .site_requests
                 .with_label_values(&[site, "delete", "ok"])
                 .inc(),
-            Err(e) if e.is_retryable() => {
+            Err(e) if e.is_retryable() && still_at_site(&client, pod).await => {
                 ctx.metrics
                     .site_requests
                     .with_label_values(&[site, "delete", e.reason()])
@@ -269,6 +269,17 @@ async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Act
     {
         Ok(_) | Err(kube::Error::Api(_)) => Ok(Action::await_change()),
         Err(e) => Err(e),
+    }
+}
+
+/// After a failed delete: whether the site still has the pod. interLink's SLURM plugin answers a
+/// delete of a pod it no longer has with a bare 500, which looks transient; a status answer that
+/// does not know the pod settles it. A site that cannot answer may still have it.
+async fn still_at_site(client: &crate::interlink::SiteClient, pod: &Pod) -> bool {
+    let uid = pod.uid().unwrap_or_default();
+    match client.status(std::slice::from_ref(pod)).await {
+        Ok(statuses) => statuses.iter().any(|s| s.uid == uid && s.is_known()),
+        Err(_) => true,
     }
 }
 
@@ -580,7 +591,9 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
     }
     for pod in &active {
         let uid = pod.uid().unwrap_or_default();
-        let Some(remote) = statuses.iter().find(|s| s.uid == uid) else {
+        // An entry the site answers with for a pod it does not know (no job id, no state) is as
+        // good as none.
+        let Some(remote) = statuses.iter().find(|s| s.uid == uid && s.is_known()) else {
             let lost = {
                 let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
                 let entry = missing

@@ -37,6 +37,11 @@ pub struct Timeouts {
     pub ping: Duration,
     /// Until the first byte of `/getLogs` (a followed stream then stays open).
     pub logs: Duration,
+    /// After a `/create` whose answer was lost, how long to keep asking `/status` whether the
+    /// pod was created anyway before submitting it again. interLink's SLURM plugin shows a new
+    /// pod only after its next `squeue` (at most 10 s), and submits a second job for a second
+    /// create.
+    pub create_settle: Duration,
 }
 
 impl Default for Timeouts {
@@ -48,6 +53,7 @@ impl Default for Timeouts {
             status: Duration::from_secs(60),
             ping: Duration::from_secs(5),
             logs: Duration::from_secs(30),
+            create_settle: Duration::from_secs(12),
         }
     }
 }
@@ -235,23 +241,48 @@ impl SiteClient {
                 Ok(created) => return Ok((created, false)),
                 Err(err) => err,
             };
-            if !err.is_retryable() || attempt >= self.retry.attempts {
+            if !err.is_retryable() {
                 return Err(err);
             }
-            tokio::time::sleep(self.retry.backoff(attempt)).await;
-            attempt += 1;
-            // Did the failed request create it anyway?
-            if let Ok(statuses) = self.status_once(std::slice::from_ref(&request.pod)).await
-                && let Some(found) = statuses.into_iter().find(|s| s.uid == uid)
-            {
+            // Did the failed request create it anyway? Only a lost answer can have; then the
+            // site gets time to show the pod before it is submitted again.
+            let settle = if err.may_have_happened() {
+                self.timeouts.create_settle
+            } else {
+                Duration::ZERO
+            };
+            if let Some(jid) = self.find_created(&request.pod, settle).await {
                 return Ok((
                     CreateStruct {
                         pod_uid: uid,
-                        pod_jid: found.jid,
+                        pod_jid: jid,
                     },
                     true,
                 ));
             }
+            if attempt >= self.retry.attempts {
+                return Err(err);
+            }
+            tokio::time::sleep(self.retry.backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    /// The job id of `pod` if the site knows it, asking until `within` has passed.
+    async fn find_created(&self, pod: &Pod, within: Duration) -> Option<String> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(statuses) = self.status_once(std::slice::from_ref(pod)).await
+                && let Some(found) = statuses.into_iter().find(|s| s.uid == uid && s.is_known())
+            {
+                return Some(found.jid);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_secs(1))).await;
         }
     }
 
@@ -400,13 +431,35 @@ fn decode_error(op: Op, err: &dyn fmt::Display, body: &[u8]) -> Error {
     }
 }
 
+/// An error body as text: cut to `MAX_ERROR_BODY` bytes, with the HTML escapes interLink's API
+/// server adds to relayed plugin errors (`&#39;`, `&quot;`, …) undone so users read the plugin's
+/// words.
 fn truncate(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]).into_owned();
+    let text = unescape_html(&String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)]));
     if body.len() > MAX_ERROR_BODY {
         format!("{text}... ({} bytes in all)", body.len())
     } else {
         text
     }
+}
+
+/// Undoes the five escapes Go's `html.EscapeString` makes (and their numeric forms).
+fn unescape_html(text: &str) -> String {
+    if !text.contains('&') {
+        return text.to_string();
+    }
+    let mut out = text.to_string();
+    for (from, to) in [
+        ("&#39;", "'"),
+        ("&#34;", "\""),
+        ("&quot;", "\""),
+        ("&lt;", "<"),
+        ("&gt;", ">"),
+        ("&amp;", "&"),
+    ] {
+        out = out.replace(from, to);
+    }
+    out
 }
 
 /// `<Op>#<n>`, n below 100000, as interLink's virtual kubelet sends it.
@@ -423,6 +476,16 @@ fn session_id(op: Op) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_error_bodies_are_unescaped() {
+        let body = b"HTTP InterLink session CreatePod#7: call exit status: 500. Body: sbatch: unrecognized option &#39;--no-such-flag&#39; &amp; &quot;more&quot;";
+        assert_eq!(
+            truncate(body),
+            "HTTP InterLink session CreatePod#7: call exit status: 500. Body: sbatch: unrecognized option '--no-such-flag' & \"more\""
+        );
+        assert_eq!(truncate(b"plain"), "plain");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

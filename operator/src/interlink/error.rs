@@ -128,6 +128,18 @@ impl Error {
         }
     }
 
+    /// Whether the request may have reached the site and taken effect although no answer said
+    /// so (a timeout, a connection lost mid-way, a bare 5xx from a proxy or the API server).
+    /// Errors raised before anything was sent (DNS, connect, TLS) cannot have.
+    pub fn may_have_happened(&self) -> bool {
+        match self {
+            Error::Transport { kind, .. } => *kind == TransportKind::Other,
+            Error::Timeout { .. } => true,
+            Error::Status { code, .. } => *code >= 500,
+            Error::Decode { .. } | Error::InvalidRequest { .. } => false,
+        }
+    }
+
     /// A CamelCase reason for conditions and Events.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -211,6 +223,18 @@ mod tests {
             code,
             body: body.into(),
         }
+    }
+
+    #[test]
+    fn only_answers_lost_after_sending_may_have_happened() {
+        assert!(status(503, "").may_have_happened());
+        assert!(!status(404, "no").may_have_happened());
+        let refused = Error::Transport {
+            op: Op::Create,
+            kind: TransportKind::Connect,
+            message: "refused".into(),
+        };
+        assert!(!refused.may_have_happened());
     }
 
     #[test]

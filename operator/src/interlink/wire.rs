@@ -68,6 +68,27 @@ pub struct PodStatus {
     pub init_containers: Vec<ContainerStatus>,
 }
 
+impl PodStatus {
+    /// Whether the site knows the pod: a job id, or any container in some state. interLink's
+    /// SLURM plugin answers for a pod it never saw with an entry whose JID is empty and whose
+    /// containers have an empty `state: {}`; such an entry means "unknown", not "created".
+    pub fn is_known(&self) -> bool {
+        !self.jid.is_empty()
+            || self
+                .containers
+                .iter()
+                .chain(&self.init_containers)
+                .any(|c| !c.state.is_empty())
+    }
+}
+
+impl ContainerState {
+    /// No state at all (`{}`).
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_none() && self.running.is_none() && self.terminated.is_none()
+    }
+}
+
 /// A container's state, as Kubernetes' `ContainerStatus` but with every field optional.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

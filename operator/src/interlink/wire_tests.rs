@@ -228,3 +228,35 @@ fn ping_answers_decode() {
     assert!(decode_object::<PingResponse>(b"[]").is_err());
     assert!(decode_object::<PingResponse>(b"").is_err());
 }
+
+/// Shapes seen from interLink 0.6.2's API server in front of the SLURM plugin 0.6.2-pre5
+/// (docs/interlink-compatibility.md).
+#[test]
+fn slurm_plugin_answers_decode_and_unknown_pods_are_not_known() {
+    // A pod the plugin never saw is echoed back with an empty state and no job id.
+    let unknown = r#"[{"name":"p","UID":"0f6f4b2e-9d4e-4a43-9b5c-1c7f2d1b8a11","namespace":"ns","JID":"",
+        "containers":[{"name":"main","state":{},"lastState":{},"ready":false,"restartCount":0,"image":"","imageID":""}],
+        "initContainers":null}]"#;
+    let s: Vec<PodStatus> = serde_json::from_str(unknown).unwrap();
+    assert!(!s[0].is_known());
+    // Queued: `waiting` with no reason; still known.
+    let queued = r#"[{"name":"p","UID":"u","namespace":"ns","JID":"","containers":[{"name":"main","state":{"waiting":{}}}]}]"#;
+    let s: Vec<PodStatus> = serde_json::from_str(queued).unwrap();
+    assert!(s[0].is_known());
+    // Finished with `startedAt: null` and no reason.
+    let failed = r#"[{"name":"p","UID":"u","namespace":"ns","JID":"","containers":[{"name":"main",
+        "state":{"terminated":{"exitCode":3,"startedAt":null,"finishedAt":"2026-11-26T05:40:12Z"}}}]}]"#;
+    let s: Vec<PodStatus> = serde_json::from_str(failed).unwrap();
+    let t = s[0].containers[0].state.terminated.clone().unwrap();
+    assert_eq!(
+        (t.exit_code, t.started_at.is_none(), t.finished_at.is_some()),
+        (3, true, true)
+    );
+    assert!(s[0].is_known());
+    // A job id alone is enough.
+    let with_jid = PodStatus {
+        jid: "42".into(),
+        ..PodStatus::default()
+    };
+    assert!(with_jid.is_known());
+}
