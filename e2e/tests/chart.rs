@@ -185,7 +185,10 @@ async fn run(t: &TestNamespace, op_ns: &str, rendered: &Path) -> anyhow::Result<
         !can(&["list", "secrets", "-n", &t.name])?,
         "must not list Secrets outside its namespace"
     );
-    ensure!(!can(&["create", "pods", "-n", &t.name])?, "must not create pods");
+    ensure!(
+        !can(&["create", "deployments", "-n", &t.name])?,
+        "must not create Deployments"
+    );
     ensure!(!can(&["delete", "namespaces"])?, "must not delete namespaces");
     ensure!(!can(&["update", "clusterroles"])?, "must not change RBAC");
 

@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's package, on loopback) scrapes the real operator during a small
 //! scenario: one reachable and one unreachable site, two pods placed and running, one pod no site
-//! fits. Site-up, pods-by-phase and placement values are asserted through Prometheus's HTTP API;
+//! fits, then a RemoteJob. Site-up, pods-by-phase, placement, RemoteJob and process values are
+//! asserted through Prometheus's HTTP API;
 //! every scraped metric is one `docs/metrics.md` lists, and no series carries a per-object label.
 
 // Test code: helpers fail the test by panicking.
@@ -22,7 +23,7 @@ use offload_e2e::{
     sitesim::{SimConfig, SimHandle},
     wait,
 };
-use offload_operator::crd::{OffloadPolicy, OffloadSite};
+use offload_operator::crd::{OffloadPolicy, OffloadSite, RemoteJob};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -172,6 +173,44 @@ async fn prometheus_scrapes_site_pod_and_placement_metrics() {
             prom.wait_value(&q(r#"offload_pods{site="UP", phase="Running"}"#), |v| v == 0.0)
                 .await?;
             prom.wait_value("offload_pending_pods", |v| v == 0.0).await?;
+
+            // A RemoteJob that succeeds at its first attempt.
+            let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
+            jobs.create(
+                &pp,
+                &serde_json::from_value(json!({
+                    "apiVersion": "offload.dev/v1alpha1", "kind": "RemoteJob",
+                    "metadata": {"name": "job", "namespace": t.name, "labels": {TEST_LABEL: t.name}},
+                    "spec": {"policy": policy_name, "template": {"spec": {"containers": [
+                        {"name": "main", "image": "busybox", "command": ["sh", "-c", "true"]}]}}}
+                }))?,
+            )
+            .await?;
+            prom.wait_value(r#"offload_remotejobs{phase="Succeeded"}"#, |v| v == 1.0)
+                .await?;
+            prom.wait_value(r#"offload_remotejobs{phase="Running"}"#, |v| v == 0.0)
+                .await?;
+            prom.wait_value(
+                &q(r#"offload_remotejob_attempts_total{site="UP", outcome="Succeeded"}"#),
+                |v| v == 1.0,
+            )
+            .await?;
+            prom.wait_value(
+                r#"offload_remotejob_duration_seconds_count{outcome="Succeeded"}"#,
+                |v| v == 1.0,
+            )
+            .await?;
+            prom.wait_value(
+                r#"offload_reconciles_total{controller="remotejob", result="ok"}"#,
+                |v| v >= 1.0,
+            )
+            .await?;
+            // The process collector.
+            prom.wait_value("process_resident_memory_bytes", |v| v > 1e6)
+                .await?;
+            prom.wait_value("time() - process_start_time_seconds", |v| v > 0.0 && v < 600.0)
+                .await?;
+            jobs.delete("job", &DeleteParams::default()).await?;
 
             // Everything scraped is documented, and no series has a per-object label.
             let docs = documented()?;
