@@ -4,13 +4,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_BIN := e2e/bin
 
-.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane cluster-up cluster-down demo demo-down \
-	interlink interlink-up interlink-down slurm-up slurm-down
+.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus chart-check cluster-up cluster-down \
+	demo demo-down interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-test: fmt-check lint unit e2e ## everything CI checks: format, clippy, unit tests, end-to-end tests
+test: fmt-check lint unit chart-check e2e ## everything CI checks: format, clippy, unit tests, chart checks, end-to-end tests
 
 fmt: ## format the code
 	$(CARGO) fmt --all
@@ -27,18 +27,29 @@ unit: ## unit tests (no cluster needed)
 build: ## build the operator and the site simulator
 	$(CARGO) build -p offload-operator -p offload-e2e --bins
 
-crds: build ## regenerate crds/ from the Rust types (a unit test fails when they are stale)
+crds: build ## regenerate crds/ (and the chart's copy) from the Rust types (unit tests fail when they are stale)
 	$${CARGO_TARGET_DIR:-target}/debug/offload-operator crds --out-dir crds
 	$${CARGO_TARGET_DIR:-target}/debug/offload-operator crds --reference > docs/crds.md
+	rm -f helm/offload-operator/crds/*.yaml && cp crds/*.yaml helm/offload-operator/crds/
 
 control-plane: ## build (once) the Kubernetes control-plane binaries into the cache folder
 	$(E2E_BIN)/build-control-plane
+
+helm: ## build (once) Helm into the cache folder
+	$(E2E_BIN)/build-helm >/dev/null
+
+prometheus: ## fetch (once) Debian's promtool and prometheus into the cache folder, unpacked, not installed
+	$(E2E_BIN)/install-prometheus >/dev/null
+
+chart-check: control-plane helm prometheus ## helm lint, renders dry-run on a real API server, RBAC check, promtool, dashboard metric names
+	$(E2E_BIN)/chart-check
 
 # One control plane shared by every e2e test binary, stopped however the run ends. The real
 # interLink chain (Slurm, SLURM plugin, interLink API server) is started too when its binaries can
 # be built (build-interlink needs the pinned interLink sources: from the Go module proxy, or a
 # local git repository; see docs/interlink-compatibility.md); tests that need it skip otherwise.
-e2e: control-plane build ## end-to-end tests against a real control plane (and interLink + Slurm when buildable)
+# Helm and Prometheus are for the chart and Prometheus tests.
+e2e: control-plane helm prometheus build ## end-to-end tests against a real control plane (and interLink + Slurm when buildable)
 	@dir=$$(mktemp -d /tmp/offload-e2e-make.XXXXXX); \
 	trap '$(E2E_BIN)/interlink-down "'"$$dir"'/interlink"; $(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
 	E2E_FAST_NODE_LIFECYCLE=1 $(E2E_BIN)/cluster-up "$$dir" >/dev/null; \

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod fixtures;
 pub mod namespace;
 pub mod operator;
+pub mod prometheus;
 pub mod wait;
 
 pub use cluster::Cluster;

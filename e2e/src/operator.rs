@@ -99,14 +99,25 @@ impl Operator {
 
     /// [`Operator::start`] with extra command-line arguments.
     pub async fn start_with(cluster: &Cluster, namespace: &str, extra: &[&str]) -> anyhow::Result<Operator> {
-        install_crds(cluster).await?;
         install_rbac(cluster, namespace)?;
+        Self::start_as(cluster, namespace, &cluster.operator_kubeconfig, extra).await
+    }
+
+    /// [`Operator::start_with`] with the identity of another kubeconfig (e.g. the Helm chart's
+    /// ServiceAccount token), whose RBAC the caller has installed; the test RBAC is not installed.
+    pub async fn start_as(
+        cluster: &Cluster,
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Operator> {
+        install_crds(cluster).await?;
         // A port found free may be taken (by a simulator binding port 0) before the operator binds
         // it: then the operator exits at once, and is started again on new ports.
         let mut tries = 0;
         loop {
             tries += 1;
-            match Self::spawn(cluster, namespace, extra).await {
+            match Self::spawn(cluster, namespace, kubeconfig, extra).await {
                 Ok(op) => return Ok(op),
                 Err(e) if tries < 4 && format!("{e:#}").contains("Address already in use") => {
                     tracing::warn!("operator could not bind its ports; starting it again");
@@ -116,7 +127,12 @@ impl Operator {
         }
     }
 
-    async fn spawn(cluster: &Cluster, namespace: &str, extra: &[&str]) -> anyhow::Result<Operator> {
+    async fn spawn(
+        cluster: &Cluster,
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Operator> {
         let port = free_port()?;
         let kubelet_port = free_port()?;
         let log = cluster.dir.join(format!("operator-{namespace}.log"));
@@ -133,7 +149,7 @@ impl Operator {
         }
         let child = cmd
             .arg("--kubeconfig")
-            .arg(&cluster.operator_kubeconfig)
+            .arg(kubeconfig)
             .args([
                 "--namespace",
                 namespace,
@@ -207,12 +223,13 @@ impl Operator {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A free TCP port on 127.0.0.1, chosen by the kernel.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A minimal HTTP/1.0 GET on loopback (no client library needed for two endpoints).
-async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
+pub async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").context("http URL")?;
     let (host, path) = rest

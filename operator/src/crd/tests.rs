@@ -73,6 +73,30 @@ fn committed_crds_are_current() {
     }
 }
 
+/// The Helm chart ships the generated CRDs: its `crds/` holds exactly the files of `crds/`.
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let chart = repo().join("helm/offload-operator/crds");
+    let mut names: Vec<String> = std::fs::read_dir(&chart)
+        .expect("helm/offload-operator/crds")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = crds().iter().map(file_name).collect();
+    want.sort();
+    assert_eq!(names, want, "helm/offload-operator/crds: run `make crds`");
+    for crd in crds() {
+        let path = chart.join(file_name(&crd));
+        let generated = to_yaml(&crd).expect("yaml");
+        assert!(
+            std::fs::read_to_string(&path).unwrap_or_default() == generated,
+            "{} differs from the generated CRD: run `make crds` and commit the result",
+            path.display()
+        );
+    }
+}
+
 #[test]
 fn crd_yaml_round_trips() {
     for crd in crds() {
