@@ -70,6 +70,7 @@ demo: control-plane build ## control plane + 3 simulated sites + the operator; a
 
 demo-down: ## stop a demo started elsewhere and remove its state (.demo/)
 	$(E2E_BIN)/demo --down
+
 interlink: ## build (once) the interLink API server and SLURM plugin into the cache folder
 	$(E2E_BIN)/build-interlink
 
