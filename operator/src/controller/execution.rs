@@ -185,6 +185,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
         .inc();
     match outcome {
         Ok(jid) => {
+            tracing::info!(pod = %pod.name_any(), namespace = %ns, site = %site_name, job = %jid, "created at the site");
             let patch = json!({"metadata": {"annotations": {ANNOTATION_REMOTE_ID: jid}}});
             pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
@@ -220,6 +221,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
             Ok(Action::requeue(Duration::from_secs(5)))
         }
         Err(e) => {
+            tracing::warn!(pod = %pod.name_any(), namespace = %ns, site = %site_name, error = %e, "the site refused the pod");
             fail(
                 &ctx,
                 &pod,
@@ -239,11 +241,13 @@ async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Act
             return Ok(Action::requeue(Duration::from_secs(2)));
         };
         match client.delete(pod).await {
-            Ok(_) => ctx
-                .metrics
-                .site_requests
-                .with_label_values(&[site, "delete", "ok"])
-                .inc(),
+            Ok(_) => {
+                tracing::info!(pod = %pod.name_any(), site, "deleted at the site");
+                ctx.metrics
+                    .site_requests
+                    .with_label_values(&[site, "delete", "ok"])
+                    .inc()
+            }
             Err(e) if e.is_retryable() && still_at_site(&client, pod).await => {
                 ctx.metrics
                     .site_requests
@@ -609,6 +613,7 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
                     .cloned()
                     .unwrap_or_default();
                 let msg = format!("site {name} no longer knows the pod (job {jid}): it was lost there");
+                tracing::warn!(pod = %pod.name_any(), site = %name, job = %jid, "the site lost the pod");
                 if let Err(e) = fail(ctx, pod, "OffloadLost", &msg).await {
                     tracing::warn!(pod = %pod.name_any(), error = %e, "cannot fail a lost pod");
                 } else {

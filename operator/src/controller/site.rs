@@ -56,6 +56,10 @@ pub struct SiteHealth {
     failures: i32,
     reachable: bool,
     last_ping: Option<PingResponse>,
+    /// When the last probe ran, and for which object (UID) and `metadata.generation`.
+    last_probe: Option<(std::time::Instant, Option<String>, Option<i64>)>,
+    /// A referenced Secret or ConfigMap changed: probe at the next reconcile, not at the interval.
+    refresh: bool,
 }
 
 impl SiteHealth {
@@ -119,12 +123,20 @@ pub async fn run(
         ctx.settings.lease_renew,
     ));
     let (s1, s2) = (store.clone(), store.clone());
+    let health = ctx.sites.clone();
     let refs = move |store: &kube::runtime::reflector::Store<OffloadSite>, name: String| {
-        store
+        let sites: Vec<_> = store
             .state()
             .into_iter()
             .filter(|s| credentials::referenced(&s.spec).contains(&name))
-            .map(|s| ObjectRef::from_obj(&*s))
+            .collect();
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        for s in &sites {
+            h.entry(s.name_any()).or_default().refresh = true;
+        }
+        sites
+            .iter()
+            .map(|s| ObjectRef::from_obj(&**s))
             .collect::<Vec<_>>()
     };
     let ready_store = store.clone();
@@ -154,7 +166,10 @@ pub async fn run(
         .watches(
             Api::<Secret>::namespaced(client.clone(), &ns),
             watcher::Config::default(),
-            move |s| refs(&s1, s.name_any()),
+            {
+                let refs = refs.clone();
+                move |s| refs(&s1, s.name_any())
+            },
         )
         .watches(
             Api::<ConfigMap>::namespaced(client, &ns),
@@ -205,6 +220,28 @@ fn error_policy(site: Arc<OffloadSite>, err: &Error, _ctx: Arc<Context>) -> Acti
 async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     let name = site.name_any();
     let spec = &site.spec;
+    // Probe once per interval. Reconciles come far more often (the Node this controller owns
+    // changes at every heartbeat, status writes echo back); between probes they do nothing,
+    // unless the spec or a referenced Secret or ConfigMap changed.
+    let every = Duration::from_secs(spec.health_check.interval_seconds.max(1) as u64);
+    {
+        let mut sites = ctx.sites.lock().unwrap_or_else(|p| p.into_inner());
+        let h = sites.entry(name.clone()).or_default();
+        if let Some((at, uid, generation)) = &h.last_probe
+            && !h.refresh
+            && *uid == site.metadata.uid
+            && *generation == site.metadata.generation
+            && at.elapsed() < every
+        {
+            return Ok(Action::requeue(every - at.elapsed()));
+        }
+        h.refresh = false;
+        h.last_probe = Some((
+            std::time::Instant::now(),
+            site.metadata.uid.clone(),
+            site.metadata.generation,
+        ));
+    }
     let probe = probe(&site, ctx).await;
     let threshold = spec.health_check.failure_threshold.max(1);
     let (reachable, ping) = {
@@ -388,7 +425,6 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     }
-    let every = Duration::from_secs(spec.health_check.interval_seconds.max(1) as u64);
     Ok(Action::requeue(every))
 }
 

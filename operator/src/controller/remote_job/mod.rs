@@ -202,6 +202,7 @@ async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 
     // Report only after the status that records it was written, so a retry does not count twice.
     for note in &decision.notes {
+        tracing::info!(job = %job.name_any(), namespace = %ns, reason = note.reason, "{}", note.message);
         let type_ = if note.warning {
             EventType::Warning
         } else {
