@@ -85,24 +85,67 @@ fn pid_file(work: &Path) -> anyhow::Result<std::path::PathBuf> {
     anyhow::bail!("no pid file under {}", work.display())
 }
 
+/// A test's sites, one per simulator and in the policy's order, named `<namespace>-<suffix>`, and
+/// its policy (named after the namespace); removed by `finish` while the operator still runs.
+struct Bench<'a> {
+    t: &'a TestNamespace,
+    sites: Vec<String>,
+    jobs: Api<RemoteJob>,
+}
+
+impl<'a> Bench<'a> {
+    async fn new(t: &'a TestNamespace, sims: &[(&str, &String)]) -> anyhow::Result<Bench<'a>> {
+        let api: Api<OffloadSite> = Api::all(t.client.clone());
+        let mut sites = Vec::new();
+        for (suffix, url) in sims {
+            let name = format!("{}-{suffix}", t.name);
+            api.create(&PostParams::default(), &site(&t.name, &name, url, json!({}))?)
+                .await?;
+            sites.push(name);
+        }
+        let names: Vec<&str> = sites.iter().map(String::as_str).collect();
+        Api::<OffloadPolicy>::all(t.client.clone())
+            .create(&PostParams::default(), &policy(&t.name, &t.name, &names)?)
+            .await?;
+        t.default_service_account().await?;
+        Ok(Bench {
+            t,
+            sites,
+            jobs: Api::namespaced(t.client.clone(), &t.name),
+        })
+    }
+
+    /// Waits until every site is Ready.
+    async fn ready(&self) -> anyhow::Result<()> {
+        let api: Api<OffloadSite> = Api::all(self.t.client.clone());
+        for s in &self.sites {
+            wait_site_ready(&api, s).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the sites and the policy, then reports `result` with the operator's log on failure.
+    async fn finish(self, result: anyhow::Result<()>, op: &Operator) -> anyhow::Result<()> {
+        let api: Api<OffloadSite> = Api::all(self.t.client.clone());
+        let names: Vec<&str> = self.sites.iter().map(String::as_str).collect();
+        delete_sites(self.t, &api, &names).await?;
+        Api::<OffloadPolicy>::all(self.t.client.clone())
+            .delete(&self.t.name, &DeleteParams::default())
+            .await?;
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+    }
+}
+
 #[tokio::test]
 async fn a_job_succeeds_and_kubectl_wait_returns() {
     TestNamespace::run("rjob-ok", |t| async move {
         let op = Operator::start(t.cluster, &t.name).await?;
         let sim = SimHandle::start(SimConfig::default()).await?;
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let s = format!("{}-site", t.name);
-        sites
-            .create(&PostParams::default(), &site(&t.name, &s, &sim.url, json!({}))?)
-            .await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(&PostParams::default(), &policy(&t.name, &t.name, &[&s])?)
-            .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
+        let bench = Bench::new(&t, &[("site", &sim.url)]).await?;
+        let s = bench.sites[0].clone();
+        let jobs = bench.jobs.clone();
         let result = async {
-            wait_site_ready(&sites, &s).await?;
+            bench.ready().await?;
             jobs.create(
                 &PostParams::default(),
                 &job(&t.name, "hello", &t.name, "echo hello; sleep 1", json!({}))?,
@@ -176,9 +219,7 @@ async fn a_job_succeeds_and_kubectl_wait_returns() {
             Ok(())
         }
         .await;
-        delete_sites(&t, &sites, &[&s]).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+        bench.finish(result, &op).await
     })
     .await;
 }
@@ -188,19 +229,11 @@ async fn a_failing_command_is_retried_up_to_the_limit() {
     TestNamespace::run("rjob-retry", |t| async move {
         let op = Operator::start(t.cluster, &t.name).await?;
         let sim = SimHandle::start(SimConfig::default()).await?;
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let s = format!("{}-site", t.name);
-        sites
-            .create(&PostParams::default(), &site(&t.name, &s, &sim.url, json!({}))?)
-            .await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(&PostParams::default(), &policy(&t.name, &t.name, &[&s])?)
-            .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
+        let bench = Bench::new(&t, &[("site", &sim.url)]).await?;
+        let s = bench.sites[0].clone();
+        let jobs = bench.jobs.clone();
         let result = async {
-            wait_site_ready(&sites, &s).await?;
+            bench.ready().await?;
             jobs.create(
                 &PostParams::default(),
                 &job(&t.name, "flaky", &t.name, "exit 7", json!({"retryLimit": 2}))?,
@@ -255,9 +288,7 @@ async fn a_failing_command_is_retried_up_to_the_limit() {
             Ok(())
         }
         .await;
-        delete_sites(&t, &sites, &[&s]).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+        bench.finish(result, &op).await
     })
     .await;
 }
@@ -277,32 +308,11 @@ async fn a_site_failure_fails_over_to_another_site() {
             )
             .times(u32::MAX),
         );
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let (first, second) = (format!("{}-first", t.name), format!("{}-second", t.name));
-        sites
-            .create(
-                &PostParams::default(),
-                &site(&t.name, &first, &bad.url, json!({}))?,
-            )
-            .await?;
-        sites
-            .create(
-                &PostParams::default(),
-                &site(&t.name, &second, &good.url, json!({}))?,
-            )
-            .await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(
-                &PostParams::default(),
-                &policy(&t.name, &t.name, &[&first, &second])?,
-            )
-            .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
+        let bench = Bench::new(&t, &[("first", &bad.url), ("second", &good.url)]).await?;
+        let (first, second) = (bench.sites[0].clone(), bench.sites[1].clone());
+        let jobs = bench.jobs.clone();
         let result = async {
-            wait_site_ready(&sites, &first).await?;
-            wait_site_ready(&sites, &second).await?;
+            bench.ready().await?;
             jobs.create(
                 &PostParams::default(),
                 &job(&t.name, "mover", &t.name, "echo done", json!({"retryLimit": 3}))?,
@@ -340,9 +350,7 @@ async fn a_site_failure_fails_over_to_another_site() {
             Ok(())
         }
         .await;
-        delete_sites(&t, &sites, &[&first, &second]).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+        bench.finish(result, &op).await
     })
     .await;
 }
@@ -357,21 +365,12 @@ async fn deadline_ttl_and_deletion_clean_up_at_the_site() {
             ..SimConfig::default()
         })
         .await?;
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let s = format!("{}-site", t.name);
-        sites
-            .create(&PostParams::default(), &site(&t.name, &s, &sim.url, json!({}))?)
-            .await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(&PostParams::default(), &policy(&t.name, &t.name, &[&s])?)
-            .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
+        let bench = Bench::new(&t, &[("site", &sim.url)]).await?;
+        let jobs = bench.jobs.clone();
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
         let sleeper = "echo $$ > $SITESIM_ROOT/pid; exec sleep 300";
         let result = async {
-            wait_site_ready(&sites, &s).await?;
+            bench.ready().await?;
 
             // Deadline: the job fails DeadlineExceeded and its process at the site is stopped.
             jobs.create(
@@ -457,9 +456,7 @@ async fn deadline_ttl_and_deletion_clean_up_at_the_site() {
             Ok(())
         }
         .await;
-        delete_sites(&t, &sites, &[&s]).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+        bench.finish(result, &op).await
     })
     .await;
 }
@@ -469,19 +466,10 @@ async fn status_stays_correct_across_an_operator_restart_during_a_retry() {
     TestNamespace::run("rjob-restart", |t| async move {
         let mut op = Operator::start(t.cluster, &t.name).await?;
         let sim = SimHandle::start(SimConfig::default()).await?;
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let s = format!("{}-site", t.name);
-        sites
-            .create(&PostParams::default(), &site(&t.name, &s, &sim.url, json!({}))?)
-            .await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(&PostParams::default(), &policy(&t.name, &t.name, &[&s])?)
-            .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
+        let bench = Bench::new(&t, &[("site", &sim.url)]).await?;
+        let jobs = bench.jobs.clone();
         let result = async {
-            wait_site_ready(&sites, &s).await?;
+            bench.ready().await?;
             // Fails twice (a marker file per attempt in a shared folder), then succeeds.
             let marks = t.cluster.dir.join(format!("marks-{}", t.name));
             std::fs::create_dir_all(&marks)?;
@@ -539,9 +527,7 @@ async fn status_stays_correct_across_an_operator_restart_during_a_retry() {
             Ok(())
         }
         .await;
-        delete_sites(&t, &sites, &[&s]).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+        bench.finish(result, &op).await
     })
     .await;
 }
@@ -558,29 +544,11 @@ async fn a_pod_lost_by_its_site_fails_over() {
             ..SimConfig::default()
         };
         let (a, b) = (SimHandle::start(slurm()).await?, SimHandle::start(slurm()).await?);
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let (first, second) = (format!("{}-a", t.name), format!("{}-b", t.name));
-        sites
-            .create(&PostParams::default(), &site(&t.name, &first, &a.url, json!({}))?)
-            .await?;
-        sites
-            .create(
-                &PostParams::default(),
-                &site(&t.name, &second, &b.url, json!({}))?,
-            )
-            .await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(
-                &PostParams::default(),
-                &policy(&t.name, &t.name, &[&first, &second])?,
-            )
-            .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
+        let bench = Bench::new(&t, &[("a", &a.url), ("b", &b.url)]).await?;
+        let (first, second) = (bench.sites[0].clone(), bench.sites[1].clone());
+        let jobs = bench.jobs.clone();
         let result = async {
-            wait_site_ready(&sites, &first).await?;
-            wait_site_ready(&sites, &second).await?;
+            bench.ready().await?;
             // The first run waits to be lost; the second finishes.
             let mark = t.cluster.dir.join(format!("lost-{}", t.name));
             let script = format!(
@@ -616,9 +584,7 @@ async fn a_pod_lost_by_its_site_fails_over() {
             Ok(())
         }
         .await;
-        delete_sites(&t, &sites, &[&first, &second]).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(80)))
+        bench.finish(result, &op).await
     })
     .await;
 }

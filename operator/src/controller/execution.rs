@@ -19,7 +19,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{EventType, Recorder, Reporter},
         reflector::Store,
         watcher,
     },
@@ -500,16 +500,15 @@ async fn fail(ctx: &Ctx, pod: &Pod, reason: &str, message: &str) -> Result<(), k
 }
 
 async fn publish(ctx: &Ctx, pod: &Pod, type_: EventType, reason: &str, note: &str) {
-    let ev = Event {
+    super::publish_event(
+        &ctx.recorder,
+        &pod.object_ref(&()),
         type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Offload".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &pod.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish an Event");
-    }
+        reason,
+        note,
+        "Offload",
+    )
+    .await;
 }
 
 /// Every second, the sites whose sync interval has passed get one status request for all their

@@ -70,3 +70,25 @@ pub fn site_client(clients: &SiteClients, site: &str) -> Option<(crate::interlin
     map.get(site)
         .and_then(|h| h.client().map(|c| (c, h.is_reachable())))
 }
+
+/// Publishes an Event about `reference`; a failure is logged, never fatal (Events are best effort).
+/// The note is cut to 1000 characters, well within the API's limit.
+pub(crate) async fn publish_event(
+    recorder: &Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
+    let event = kube::runtime::events::Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, reference).await {
+        tracing::warn!(error = %e, "cannot publish an Event");
+    }
+}

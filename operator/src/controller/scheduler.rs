@@ -22,7 +22,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::{
         WatchStreamExt,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{EventType, Recorder, Reporter},
         reflector::{self, Store},
         watcher,
     },
@@ -514,16 +514,7 @@ async fn unschedulable(
 }
 
 async fn publish(recorder: &Recorder, pod: &Pod, type_: EventType, reason: &str, note: &str) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Scheduling".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, &pod.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish an Event");
-    }
+    super::publish_event(recorder, &pod.object_ref(&()), type_, reason, note, "Scheduling").await;
 }
 
 /// `Ready` and the eligible sites of each policy (site-level filters only), written on change.

@@ -21,7 +21,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{EventType, Recorder, Reporter},
         finalizer::{Event as Finalizer, finalizer},
         reflector::ObjectRef,
         watcher,
@@ -559,16 +559,7 @@ async fn publish(
     reason: &str,
     note: &str,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Probe".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, reference).await {
-        tracing::warn!(error = %e, reason, "cannot publish an Event");
-    }
+    super::publish_event(recorder, reference, type_, reason, note, "Probe").await;
 }
 
 /// Deleting a site (ADR 0002): its pods are deleted first (so their remote jobs are cancelled by the

@@ -16,7 +16,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{EventType, Recorder, Reporter},
         reflector::Store,
         watcher,
     },
@@ -264,14 +264,13 @@ fn count_phases(ctx: &Ctx, job: &RemoteJob, phase: Option<RemoteJobPhase>) {
 }
 
 async fn publish(ctx: &Ctx, job: &RemoteJob, type_: EventType, reason: &str, note: &str) {
-    let ev = Event {
+    super::publish_event(
+        &ctx.recorder,
+        &job.object_ref(&()),
         type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish an Event");
-    }
+        reason,
+        note,
+        "Reconcile",
+    )
+    .await;
 }
