@@ -2,9 +2,9 @@
 //! plugin (0.6.2-pre5) -> a real Slurm 22.05 (slurmctld + slurmd on this host). Only the container
 //! runtime is replaced (`e2e/bin/singularity-shim` runs the command on the host).
 //!
-//! Needs the chain started by `e2e/bin/interlink-up DIR`, named by `OFFLOAD_E2E_INTERLINK=DIR/env`.
-//! Without it the test says why and returns: the upstream Go modules are not served by the Go
-//! module proxy, so a fresh CI machine cannot build the chain (docs/interlink-compatibility.md).
+//! Needs the chain started by `e2e/bin/interlink-up DIR`, named by `OFFLOAD_E2E_INTERLINK=DIR/env`,
+//! and is `#[ignore]`d otherwise: the upstream Go modules are not served by the Go module proxy,
+//! so a fresh CI machine cannot build the chain (docs/interlink-compatibility.md).
 //! The chain is one Slurm cluster, so everything runs in one test function, step by step.
 //!
 //! Timing: the plugin runs `squeue` at most once every 10 s, so each state change reaches the pod
@@ -179,18 +179,17 @@ fn since(t0: tokio::time::Instant) -> String {
     format!("{:.1}s", t0.elapsed().as_secs_f64())
 }
 
+// Ignored unless asked for (`--ignored`, which `make e2e` adds when it could start the chain), so
+// a run without the chain reports it as ignored, never as passed.
 #[tokio::test]
+#[ignore = "needs the real interLink chain: e2e/bin/interlink-up DIR, OFFLOAD_E2E_INTERLINK=DIR/env (CI cannot build it; docs/interlink-compatibility.md)"]
 async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
     let env = match chain_env() {
         Ok(Some(env)) => env,
-        Ok(None) => {
-            eprintln!(
-                "interlink_slurm: skipped: {INTERLINK_ENV} is not set (start the real chain with \
-                 e2e/bin/interlink-up DIR and set {INTERLINK_ENV}=DIR/env; CI cannot build it, see \
-                 docs/interlink-compatibility.md)"
-            );
-            return;
-        }
+        Ok(None) => panic!(
+            "{INTERLINK_ENV} is not set: start the real chain with e2e/bin/interlink-up DIR and set \
+             {INTERLINK_ENV}=DIR/env (docs/interlink-compatibility.md)"
+        ),
         Err(e) => panic!("{e:#}"),
     };
     let url = env
