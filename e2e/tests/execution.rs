@@ -262,9 +262,12 @@ async fn a_killed_operator_resumes_without_duplicates() {
                 ..SimConfig::default()
             })
             .await?,
+            // Answers as interLink with its SLURM plugin: a new pod shows up in /status only
+            // seconds later, so a create cut short by the kill must not be sent again blindly.
             SimHandle::start(SimConfig {
                 simulate: true,
                 slots: 1000,
+                slurm_plugin: true,
                 ..SimConfig::default()
             })
             .await?,

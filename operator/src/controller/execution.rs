@@ -28,7 +28,7 @@ use serde_json::json;
 
 use super::{SiteClients, node::node_name, site_client, status_map};
 use crate::{
-    crd::{ANNOTATION_REMOTE_ID, OffloadSite},
+    crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, OffloadSite},
     interlink::{Error as SiteError, wire::PodCreateRequests},
     metrics::Metrics,
     placement::{queue, selector},
@@ -164,16 +164,27 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
     };
-    // After a restart the pod may already be at the site: ask before creating.
+    // After a restart the pod may already be at the site: ask before creating. If a create was
+    // sent before (the marker below), the site gets the time it may need to show the pod.
     let uid = pod.uid().unwrap_or_default();
-    let known = client
-        .status(std::slice::from_ref(&*pod))
-        .await
-        .ok()
-        .and_then(|s| s.into_iter().find(|s| s.uid == uid && s.is_known()));
+    let sent_before = pod.annotations().contains_key(ANNOTATION_CREATE_SENT);
+    let within = if sent_before {
+        client.create_settle()
+    } else {
+        Duration::ZERO
+    };
+    let known = client.find_created(&pod, within).await;
     let outcome = match known {
-        Some(found) => Ok(found.jid),
-        None => client.create_idempotent(&request).await.map(|(c, _)| c.pod_jid),
+        Some(jid) => Ok(jid),
+        None => {
+            if !sent_before {
+                let now = jiff::Timestamp::now().to_string();
+                let patch = json!({"metadata": {"annotations": {ANNOTATION_CREATE_SENT: now}}});
+                pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+            client.create_idempotent(&request).await.map(|(c, _)| c.pod_jid)
+        }
     };
     let result = match &outcome {
         Ok(_) => "ok",

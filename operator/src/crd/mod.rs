@@ -36,6 +36,10 @@ pub const ANNOTATION_REMOTE_ID: &str = "offload.dev/remote-id";
 /// Pod annotation written by the operator: the placement explanation (chosen site, ranking,
 /// reasons for rejected sites), as JSON.
 pub const ANNOTATION_PLACEMENT: &str = "offload.dev/placement";
+/// Pod annotation written by the operator just before it sends the pod to its site. After a
+/// restart it says a create may have reached the site unrecorded, so the operator gives the site
+/// time to show the pod (some sites show new pods only seconds later) before sending it again.
+pub const ANNOTATION_CREATE_SENT: &str = "offload.dev/create-sent";
 /// Pod annotation: comma-separated sites the pod must not be placed at (set by the RemoteJob
 /// controller on a retry after site failures, so the retry fails over).
 pub const ANNOTATION_EXCLUDE_SITES: &str = "offload.dev/exclude-sites";

@@ -268,8 +268,13 @@ impl SiteClient {
         }
     }
 
+    /// How long a create whose outcome is unknown is given to show up at the site.
+    pub fn create_settle(&self) -> Duration {
+        self.timeouts.create_settle
+    }
+
     /// The job id of `pod` if the site knows it, asking until `within` has passed.
-    async fn find_created(&self, pod: &Pod, within: Duration) -> Option<String> {
+    pub async fn find_created(&self, pod: &Pod, within: Duration) -> Option<String> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + within;
         loop {
