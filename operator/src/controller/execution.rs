@@ -603,6 +603,7 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
         missing.retain(|uid, (site, _, _)| site != &name || uids.contains(uid));
     }
+    let mut patched = 0usize;
     for pod in &active {
         let uid = pod.uid().unwrap_or_default();
         // An entry the site answers with for a pod it does not know (no job id, no state) is as
@@ -642,13 +643,15 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         }
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
         let patch = json!({"status": new});
-        if let Err(e) = api
+        match api
             .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            tracing::warn!(pod = %pod.name_any(), error = %e, "cannot patch pod status");
+            Ok(_) => patched += 1,
+            Err(e) => tracing::warn!(pod = %pod.name_any(), error = %e, "cannot patch pod status"),
         }
     }
+    tracing::debug!(site = %name, pods = active.len(), answered = statuses.len(), patched, took = ?start.elapsed(), "status synced");
     Ok(())
 }
 
