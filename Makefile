@@ -5,7 +5,7 @@ CARGO ?= cargo
 E2E_BIN := e2e/bin
 
 .PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus chart-check cluster-up cluster-down \
-	demo demo-down interlink interlink-up interlink-down slurm-up slurm-down
+	demo demo-down bench-e2e interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -61,6 +61,13 @@ e2e: control-plane helm prometheus build ## end-to-end tests against a real cont
 	if [[ -n "$$il" ]]; then \
 	  OFFLOAD_E2E_CLUSTER="$$dir" OFFLOAD_E2E_INTERLINK="$$il" $(CARGO) test -p offload-e2e --test interlink_slurm -- --ignored; \
 	fi
+
+bench-e2e: control-plane ## end-to-end load benchmarks (RemoteJobs, offloaded pods; release build); they print numbers
+	$(CARGO) build --release -p offload-operator -p offload-e2e --bins
+	@dir=$$(mktemp -d /tmp/offload-bench.XXXXXX); \
+	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
+	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
+	OFFLOAD_E2E_CLUSTER="$$dir" $(CARGO) test --release -p offload-e2e --test load -- --ignored --nocapture --test-threads=1
 
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
 	@$(E2E_BIN)/cluster-up

@@ -164,16 +164,16 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
     };
-    // After a restart the pod may already be at the site: ask before creating. If a create was
-    // sent before (the marker below), the site gets the time it may need to show the pod.
+    // A create may have been sent before (the marker below) and reached the site unrecorded, by a
+    // process that died or an answer that was lost: ask the site first, giving it the time it may
+    // need to show the pod. A pod never sent needs no question.
     let uid = pod.uid().unwrap_or_default();
     let sent_before = pod.annotations().contains_key(ANNOTATION_CREATE_SENT);
-    let within = if sent_before {
-        client.create_settle()
+    let known = if sent_before {
+        client.find_created(&pod, client.create_settle()).await
     } else {
-        Duration::ZERO
+        None
     };
-    let known = client.find_created(&pod, within).await;
     let outcome = match known {
         Some(jid) => Ok(jid),
         None => {
