@@ -38,6 +38,8 @@ const MANAGER: &str = "offload-operator";
 
 struct Ctx {
     client: Client,
+    /// Every pod, as the controller's watch sees them (the status sync reads its pods here).
+    pods: Store<Pod>,
     clients: SiteClients,
     sites: Store<OffloadSite>,
     recorder: Recorder,
@@ -80,7 +82,12 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
             instance: None,
         },
     );
+    let controller = Controller::new(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
     let ctx = Arc::new(Ctx {
+        pods: controller.store(),
         client: client.clone(),
         clients,
         sites,
@@ -91,7 +98,7 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
         missing: Mutex::default(),
     });
     tokio::spawn(sync_forever(ctx.clone()));
-    Controller::new(Api::<Pod>::all(client), watcher::Config::default().any_semantic())
+    controller
         .shutdown_on_signal()
         .run(reconcile, |_, _, _| Action::requeue(Duration::from_secs(5)), ctx)
         .for_each(|_| async {})
@@ -546,8 +553,9 @@ async fn sync_forever(ctx: Arc<Ctx>) {
 
 async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
     let name = site.name_any();
-    let active: Vec<Pod> = super::load::active_pods(&ctx.client, &node_name(&name))
-        .await?
+    // From the watch cache, not a list per sync: this runs every interval for every site, and a
+    // pod a moment stale is corrected at the next sync.
+    let active: Vec<Pod> = super::load::active_pods_cached(&ctx.pods, &node_name(&name))
         .into_iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none() && p.annotations().contains_key(ANNOTATION_REMOTE_ID)

@@ -22,6 +22,18 @@ pub async fn active_pods(client: &Client, node: &str) -> Result<Vec<Pod>, kube::
     Ok(bound.items.into_iter().filter(|p| !is_finished(p)).collect())
 }
 
+/// Pods bound to `node` that have not finished, from a cache of pods (no API call: for loops that
+/// run every second).
+pub fn active_pods_cached(store: &kube::runtime::reflector::Store<Pod>, node: &str) -> Vec<Pod> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| !is_finished(p))
+        .map(|p| Pod::clone(p))
+        .collect()
+}
+
 /// What the pod asks for: the larger of its app containers' summed requests and its largest init
 /// container's (as kube-scheduler computes it); one pod.
 pub fn requests(pod: &Pod) -> Resources {
