@@ -334,6 +334,24 @@ fn close(
     a.finish_time = Some(Time(at));
 }
 
+/// Ends every open attempt with `outcome` and deletes its pod (its job at the site goes with it).
+fn stop_open(
+    st: &mut RemoteJobStatus,
+    out: &mut Plan,
+    outcome: AttemptOutcome,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
+        close(a, outcome, reason, message.to_string(), None, now);
+        out.ended.push(a.clone());
+        if let Some(name) = &a.pod {
+            out.actions.push(Action::DeletePod { name: name.clone() });
+        }
+    }
+}
+
 fn outcome_name(o: Option<AttemptOutcome>) -> &'static str {
     match o {
         Some(AttemptOutcome::Succeeded) => "Succeeded",
@@ -542,23 +560,16 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
         if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, started.as_ref()) {
             let deadline = after(start.0, limit);
             if now >= deadline {
-                for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
-                    let msg = format!("the job ran longer than its activeDeadlineSeconds ({limit}s)");
-                    close(
-                        a,
-                        AttemptOutcome::DeadlineExceeded,
-                        "DeadlineExceeded",
-                        msg,
-                        None,
-                        now,
-                    );
-                    out.ended.push(a.clone());
-                    if let Some(name) = &a.pod {
-                        out.actions.push(Action::DeletePod { name: name.clone() });
-                    }
-                }
-                current = None;
                 let msg = format!("the job ran longer than its activeDeadlineSeconds ({limit}s)");
+                stop_open(
+                    &mut st,
+                    &mut out,
+                    AttemptOutcome::DeadlineExceeded,
+                    "DeadlineExceeded",
+                    &msg,
+                    now,
+                );
+                current = None;
                 finish(&mut st, &mut out, false, "DeadlineExceeded", msg);
             } else {
                 wake.push(deadline);
@@ -569,20 +580,14 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
     if st.completion_time.is_none() {
         let suspended_before = crate::crd::common::is_true(&st.conditions, "Suspended");
         if spec.suspend {
-            for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
-                close(
-                    a,
-                    AttemptOutcome::Cancelled,
-                    "Suspended",
-                    "the job was suspended".into(),
-                    None,
-                    now,
-                );
-                out.ended.push(a.clone());
-                if let Some(name) = &a.pod {
-                    out.actions.push(Action::DeletePod { name: name.clone() });
-                }
-            }
+            stop_open(
+                &mut st,
+                &mut out,
+                AttemptOutcome::Cancelled,
+                "Suspended",
+                "the job was suspended",
+                now,
+            );
             current = None;
             if !suspended_before {
                 out.notes.push(Note {
