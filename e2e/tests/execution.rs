@@ -97,6 +97,31 @@ async fn pods_run_at_the_site_and_report_back() {
             let out = std::fs::read_to_string(work.join(&uid).join("main.log"))?;
             ensure!(out == "hello from the site\n", "{out:?}");
 
+            // Deleting finished pods deletes them at the site too: it keeps no job of theirs.
+            let (held, deletes) = (sim.pod_count(), sim.stats().deletes);
+            for name in ["ok", "three"] {
+                pods.delete(name, &DeleteParams::default()).await?;
+            }
+            wait::until("the finished pods to disappear", TIMEOUT, || async {
+                let left = pods.get_opt("ok").await?.is_some() || pods.get_opt("three").await?.is_some();
+                Ok::<_, kube::Error>((!left).then_some(()))
+            })
+            .await?;
+            ensure!(
+                sim.pod_count() == held - 2 && sim.stats().deletes == deletes + 2,
+                "the site still holds finished pods: {} of {held} left, {} deletes",
+                sim.pod_count(),
+                sim.stats().deletes - deletes
+            );
+
+            // A create the site performed but answered with garbage: the pod runs, created once.
+            sim.inject(faults::Fault { op: "create".into(), kind: faults::FaultKind::Garbage, count: 1 });
+            pods.create(&pp, &pod("garbled", &open_site, "echo garbled answer", json!({}))?).await?;
+            let g = phase(&pods, "garbled", "Succeeded").await?;
+            let creates = sim.stats().creates_per_uid.get(&g.uid().context("uid")?).copied();
+            ensure!(creates == Some(1), "created {creates:?} times");
+            ensure!(g.annotations().contains_key("offload.dev/remote-id"), "remote id recorded");
+
             // ConfigMap and Secret contents reach the command.
             let cms: Api<ConfigMap> = Api::namespaced(t.client.clone(), &t.name);
             cms.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"greeting": "hi"}}))?).await?;
@@ -208,10 +233,8 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
             );
             // Over a quiet window: about one status request per second, each for all 200 pods, and
             // no pod status rewritten.
-            let rv: Vec<String> = pods
-                .list(&ListParams::default())
-                .await?
-                .items
+            let before_list = pods.list(&ListParams::default()).await?.items;
+            let rv: Vec<String> = before_list
                 .iter()
                 .map(|p| p.resource_version().unwrap_or_default())
                 .collect();
@@ -224,14 +247,47 @@ async fn status_is_synced_in_one_request_per_site_and_interval() {
                 "{requests} status requests in 5 s at a 1 s interval"
             );
             ensure!(sim.stats().max_pods_per_status >= 200, "{:?}", sim.stats());
-            let rv2: Vec<String> = pods
-                .list(&ListParams::default())
-                .await?
-                .items
+            let after_list = pods.list(&ListParams::default()).await?.items;
+            let rv2: Vec<String> = after_list
                 .iter()
                 .map(|p| p.resource_version().unwrap_or_default())
                 .collect();
-            ensure!(rv == rv2, "unchanged pods were patched");
+            // Which pods were written, and what changed in them (for the diagnosis).
+            let rewritten: Vec<String> = before_list
+                .iter()
+                .zip(&after_list)
+                .filter(|(a, b)| a.resource_version() != b.resource_version())
+                .map(|(a, b)| {
+                    let fields = |p: &Pod| {
+                        p.metadata
+                            .managed_fields
+                            .iter()
+                            .flatten()
+                            .map(|m| {
+                                format!(
+                                    "{:?}/{:?}@{:?}",
+                                    m.manager,
+                                    m.subresource,
+                                    m.time.as_ref().map(|t| t.0.to_string())
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    };
+                    format!(
+                        "{}: status {} -> {}; managers {:?}",
+                        a.name_any(),
+                        serde_json::to_string(&a.status).unwrap_or_default(),
+                        serde_json::to_string(&b.status).unwrap_or_default(),
+                        fields(b)
+                    )
+                })
+                .collect();
+            ensure!(
+                rv == rv2,
+                "{} unchanged pods were patched; first: {:?}",
+                rewritten.len(),
+                rewritten.first()
+            );
             let metrics = op.get("/metrics").await?;
             ensure!(
                 metrics.contains(&format!("offload_pods{{phase=\"Running\",site=\"{name}\"}} 200")),

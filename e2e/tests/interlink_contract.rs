@@ -407,6 +407,16 @@ async fn injected_failures_map_to_error_kinds_and_retry_verdicts() {
     );
     assert!(!e.is_retryable());
 
+    // A site answering its ping with garbage is not healthy (reason InvalidResponse).
+    sim.inject(Fault {
+        op: "pinglink".into(),
+        kind: FaultKind::Garbage,
+        count: 1,
+    });
+    let e = no_retry.ping_once().await.expect_err("garbage ping");
+    assert_eq!(e.reason(), "InvalidResponse", "{e}");
+    no_retry.ping_once().await.expect("the next ping is fine");
+
     sim.inject(delay("status", Duration::from_secs(2)));
     let e = no_retry
         .status(std::slice::from_ref(&p))

@@ -26,7 +26,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{SiteClients, node::node_name, site_client, status_map};
+use super::{SiteClients, node::node_name, site_client, status_map, written::WrittenStatuses};
 use crate::{
     crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, OffloadSite},
     interlink::{Error as SiteError, wire::PodCreateRequests},
@@ -50,6 +50,9 @@ struct Ctx {
     observed: Mutex<HashMap<String, f64>>,
     /// Pods a site's status answer left out: how many answers in a row, since when.
     missing: Mutex<HashMap<String, (String, u32, Instant)>>,
+    /// Per site, statuses written that the watch cache may not show yet (compared instead of a
+    /// stale copy).
+    written: Mutex<HashMap<String, WrittenStatuses>>,
 }
 
 /// A pod the site's answers have left out this many times in a row, over at least this long, is
@@ -96,6 +99,7 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
         created: Mutex::default(),
         observed: Mutex::default(),
         missing: Mutex::default(),
+        written: Mutex::default(),
     });
     tokio::spawn(sync_forever(ctx.clone()));
     controller
@@ -252,37 +256,23 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
     }
 }
 
-/// Deletes the pod at its site, then completes its deletion as a kubelet does.
+/// Deletes the pod at its site, then completes its deletion as a kubelet does. A finished pod is
+/// deleted at the site too (its job, state and logs would stay there forever otherwise), and so is
+/// a pod whose create was sent but never recorded, if the site turns out to have it.
 async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Action, kube::Error> {
-    if pod.annotations().contains_key(ANNOTATION_REMOTE_ID) && !terminal(pod) {
+    let recorded = pod.annotations().contains_key(ANNOTATION_REMOTE_ID);
+    let sent_at = pod.annotations().get(ANNOTATION_CREATE_SENT).cloned();
+    if recorded || sent_at.is_some() {
         let Some((client, _)) = site_client(&ctx.clients, site) else {
             return Ok(Action::requeue(Duration::from_secs(2)));
         };
-        match client.delete(pod).await {
-            Ok(_) => {
-                tracing::info!(pod = %pod.name_any(), site, "deleted at the site");
-                ctx.metrics
-                    .site_requests
-                    .with_label_values(&[site, "delete", "ok"])
-                    .inc()
-            }
-            Err(e) if e.is_retryable() && still_at_site(&client, pod).await => {
-                ctx.metrics
-                    .site_requests
-                    .with_label_values(&[site, "delete", e.reason()])
-                    .inc();
-                let note = format!("deleting at site {site} failed, retrying: {e}");
-                publish(ctx, pod, EventType::Warning, "DeleteRetrying", &note).await;
-                return Ok(Action::requeue(Duration::from_secs(5)));
-            }
-            // A site that does not know the pod (or refuses) has nothing left to stop.
-            Err(e) => {
-                ctx.metrics
-                    .site_requests
-                    .with_label_values(&[site, "delete", e.reason()])
-                    .inc();
-                tracing::info!(pod = %pod.name_any(), error = %e, "site delete refused; completing the deletion");
-            }
+        let at_site = recorded || {
+            let settle =
+                unrecorded_settle(sent_at.as_deref(), jiff::Timestamp::now(), client.create_settle());
+            client.find_created(pod, settle).await.is_some()
+        };
+        if at_site && !delete_at_site(ctx, pod, site, &client).await {
+            return Ok(Action::requeue(Duration::from_secs(5)));
         }
     }
     match pods
@@ -292,6 +282,41 @@ async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Act
         Ok(_) | Err(kube::Error::Api(_)) => Ok(Action::await_change()),
         Err(e) => Err(e),
     }
+}
+
+/// How long to ask a site whether a create sent at `sent_at` (the marker's RFC 3339 value) but
+/// never recorded reached it: until the site's status lag has passed since the create, and at
+/// least one question. An unreadable marker gets the whole lag.
+fn unrecorded_settle(sent_at: Option<&str>, now: jiff::Timestamp, lag: Duration) -> Duration {
+    let Some(sent) = sent_at.and_then(|t| t.parse::<jiff::Timestamp>().ok()) else {
+        return lag;
+    };
+    let since = now.duration_since(sent).try_into().unwrap_or(Duration::ZERO);
+    lag.saturating_sub(since)
+}
+
+/// `/delete` for a pod the site has. False when the site still has it after a failed delete (the
+/// caller tries again later).
+async fn delete_at_site(ctx: &Ctx, pod: &Pod, site: &str, client: &crate::interlink::SiteClient) -> bool {
+    let result = client.delete(pod).await;
+    let label = result.as_ref().map_or_else(|e| e.reason(), |_| "ok");
+    ctx.metrics
+        .site_requests
+        .with_label_values(&[site, "delete", label])
+        .inc();
+    match result {
+        Ok(_) => tracing::info!(pod = %pod.name_any(), site, "deleted at the site"),
+        Err(e) if e.is_retryable() && still_at_site(client, pod).await => {
+            let note = format!("deleting at site {site} failed, retrying: {e}");
+            publish(ctx, pod, EventType::Warning, "DeleteRetrying", &note).await;
+            return false;
+        }
+        // A site that does not know the pod (or refuses) has nothing left to stop.
+        Err(e) => {
+            tracing::info!(pod = %pod.name_any(), error = %e, "site delete refused; completing the deletion")
+        }
+    }
+    true
 }
 
 /// After a failed delete: whether the site still has the pod. interLink's SLURM plugin answers a
@@ -529,10 +554,16 @@ async fn publish(ctx: &Ctx, pod: &Pod, type_: EventType, reason: &str, note: &st
     .await;
 }
 
+/// Longest one site's status sync may take (its `/status` requests with their retries, then the
+/// pod patches); then it is abandoned and the next interval starts a new one.
+const SYNC_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Every second, the sites whose sync interval has passed get one status request for all their
-/// active pods.
+/// active pods. Each site syncs in its own task, so a site that hangs delays no other site; a
+/// site whose previous sync is still running is skipped until it ends.
 async fn sync_forever(ctx: Arc<Ctx>) {
     let mut last: HashMap<String, Instant> = HashMap::new();
+    let in_flight: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -543,10 +574,25 @@ async fn sync_forever(ctx: Arc<Ctx>) {
             if last.get(&name).is_some_and(|t| t.elapsed() < every) {
                 continue;
             }
-            last.insert(name.clone(), Instant::now());
-            if let Err(e) = sync_site(&ctx, &site).await {
-                tracing::warn!(site = %name, error = %e, "status sync failed");
+            if !in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone())
+            {
+                continue;
             }
+            last.insert(name.clone(), Instant::now());
+            let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(SYNC_DEADLINE, sync_site(&ctx, &site)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(site = %name, error = %e, "status sync failed"),
+                    Err(_) => {
+                        tracing::warn!(site = %name, deadline = ?SYNC_DEADLINE, "status sync abandoned at its deadline")
+                    }
+                }
+                in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+            });
         }
     }
 }
@@ -610,6 +656,9 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         let uids: std::collections::HashSet<String> = active.iter().filter_map(|p| p.uid()).collect();
         let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
         missing.retain(|uid, (site, _, _)| site != &name || uids.contains(uid));
+        drop(missing);
+        let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+        written.entry(name.clone()).or_default().retain(&uids);
     }
     let mut patched = 0usize;
     for pod in &active {
@@ -642,8 +691,10 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
             continue;
         };
         ctx.missing.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
-        let new = status_map::map(pod, remote, &now);
-        if !status_map::changed(pod.status.as_ref(), &new) {
+        // Compared with what the API server has, which may be newer than the cache.
+        let current = written_for(ctx, &name, |w| w.current(pod));
+        let new = status_map::map(&current, remote, &now);
+        if !status_map::changed(current.status.as_ref(), &new) {
             continue;
         }
         if new.phase.as_deref() != Some("Pending") {
@@ -655,12 +706,20 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
             .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => patched += 1,
+            Ok(after) => {
+                patched += 1;
+                written_for(ctx, &name, |w| w.record(pod, &after));
+            }
             Err(e) => tracing::warn!(pod = %pod.name_any(), error = %e, "cannot patch pod status"),
         }
     }
     tracing::debug!(site = %name, pods = active.len(), answered = statuses.len(), patched, took = ?start.elapsed(), "status synced");
     Ok(())
+}
+
+fn written_for<T>(ctx: &Ctx, site: &str, f: impl FnOnce(&mut WrittenStatuses) -> T) -> T {
+    let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+    f(written.entry(site.to_string()).or_default())
 }
 
 /// The first non-Pending status of a pod created by this process: one queue-time sample.
@@ -701,7 +760,7 @@ enum SyncError {
 mod tests {
     use std::time::Duration;
 
-    use super::is_lost;
+    use super::{is_lost, unrecorded_settle};
 
     #[test]
     fn a_pod_is_lost_only_after_several_answers_over_time() {
@@ -711,5 +770,25 @@ mod tests {
             "a site's status cache may lag a new job"
         );
         assert!(is_lost(3, Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_deleted_pod_sent_but_unrecorded_is_looked_for_until_the_site_lag_has_passed() {
+        let lag = Duration::from_secs(12);
+        let now: jiff::Timestamp = "2026-12-03T10:00:20Z".parse().unwrap();
+        // Sent 5 s ago: the site may need 7 s more to show it.
+        assert_eq!(
+            unrecorded_settle(Some("2026-12-03T10:00:15Z"), now, lag),
+            Duration::from_secs(7)
+        );
+        // Sent long ago: one question is enough.
+        assert_eq!(
+            unrecorded_settle(Some("2026-12-03T09:00:00Z"), now, lag),
+            Duration::ZERO
+        );
+        // A marker that cannot be read, or from the future (clock skew): the whole lag.
+        assert_eq!(unrecorded_settle(Some("yesterday"), now, lag), lag);
+        assert_eq!(unrecorded_settle(Some("2026-12-03T10:05:00Z"), now, lag), lag);
+        assert_eq!(unrecorded_settle(None, now, lag), lag);
     }
 }

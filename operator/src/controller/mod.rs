@@ -9,6 +9,7 @@ pub mod remote_job;
 pub mod scheduler;
 pub mod site;
 pub mod status_map;
+pub mod written;
 
 use std::{
     collections::HashMap,

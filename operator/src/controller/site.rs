@@ -39,7 +39,7 @@ use crate::{
         common::{is_true, set_condition},
         site::{OffloadSiteStatus, ResourceAmounts},
     },
-    interlink::{RetryPolicy, SiteClient, Timeouts, wire::PingResponse},
+    interlink::{SiteClient, Timeouts, wire::PingResponse},
     metrics::Metrics,
 };
 
@@ -441,11 +441,8 @@ async fn probe(site: &OffloadSite, ctx: &Context) -> Probe {
         connect: timeout,
         ..Timeouts::default()
     };
-    // One ping per interval: the failure threshold, not client retries, decides.
-    config.retry = RetryPolicy {
-        attempts: 1,
-        ..RetryPolicy::default()
-    };
+    // The client keeps its retries for status, delete and logs; the health check itself pings
+    // once per interval (`ping_once`): the failure threshold, not client retries, decides.
     let fp = fingerprint(&config);
     let client = {
         let mut sites = ctx.sites.lock().unwrap_or_else(|p| p.into_inner());
@@ -472,7 +469,7 @@ async fn probe(site: &OffloadSite, ctx: &Context) -> Probe {
             message: "no client".into(),
         };
     };
-    match client.ping().await {
+    match client.ping_once().await {
         Ok(p) => Probe::Ok {
             latency: p.latency,
             ping: p.response,

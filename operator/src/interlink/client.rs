@@ -228,8 +228,10 @@ impl SiteClient {
     }
 
     /// Creates the pod at most once: after a retryable failure it asks the site (status by UID)
-    /// whether the pod arrived before sending `/create` again. Returns the answer and whether it
-    /// came from a status lookup (the remote id may then be empty: some plugins do not report it).
+    /// whether the pod arrived before sending `/create` again. A 2xx answer that cannot be decoded
+    /// is asked about too (the site accepted the request and may run the job) but never resent.
+    /// Returns the answer and whether it came from a status lookup (the remote id may then be
+    /// empty: some plugins do not report it).
     pub async fn create_idempotent(
         &self,
         request: &PodCreateRequests,
@@ -241,7 +243,8 @@ impl SiteClient {
                 Ok(created) => return Ok((created, false)),
                 Err(err) => err,
             };
-            if !err.is_retryable() {
+            let garbled = matches!(err, Error::Decode { .. });
+            if !err.is_retryable() && !garbled {
                 return Err(err);
             }
             // Did the failed request create it anyway? Only a lost answer can have; then the
@@ -260,7 +263,7 @@ impl SiteClient {
                     true,
                 ));
             }
-            if attempt >= self.retry.attempts {
+            if garbled || attempt >= self.retry.attempts {
                 return Err(err);
             }
             tokio::time::sleep(self.retry.backoff(attempt)).await;
@@ -346,20 +349,26 @@ impl SiteClient {
             .map_err(|e| Error::from_reqwest(Op::Logs, Duration::ZERO, &e)))
     }
 
-    /// `POST /pinglink`. Any 2xx is healthy; the body is read as a `PingResponse` when it is one.
+    /// `POST /pinglink`, retried on transient failures. A 2xx is healthy when its body is one of
+    /// the shapes sites answer with ([`wire::decode_ping`]); anything else is
+    /// [`Error::Decode`] (`InvalidResponse`).
     pub async fn ping(&self) -> Result<Ping, Error> {
-        self.with_retry(|| async {
-            let start = Instant::now();
-            let resp = self
-                .send::<()>(Op::Ping, Method::POST, None, self.timeouts.ping)
-                .await?;
-            let body = read_body(Op::Ping, resp, self.timeouts.ping).await?;
-            Ok(Ping {
-                latency: start.elapsed(),
-                response: wire::decode_object::<PingResponse>(&body).ok(),
-            })
+        self.with_retry(|| self.ping_once()).await
+    }
+
+    /// One `POST /pinglink`, never retried: a health check whose failure threshold, not client
+    /// retries, decides.
+    pub async fn ping_once(&self) -> Result<Ping, Error> {
+        let start = Instant::now();
+        let resp = self
+            .send::<()>(Op::Ping, Method::POST, None, self.timeouts.ping)
+            .await?;
+        let body = read_body(Op::Ping, resp, self.timeouts.ping).await?;
+        let response = wire::decode_ping(&body).map_err(|e| decode_error(Op::Ping, &e, &body))?;
+        Ok(Ping {
+            latency: start.elapsed(),
+            response,
         })
-        .await
     }
 
     async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, Error>

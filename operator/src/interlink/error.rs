@@ -136,7 +136,9 @@ impl Error {
             Error::Transport { kind, .. } => *kind == TransportKind::Other,
             Error::Timeout { .. } => true,
             Error::Status { code, .. } => *code >= 500,
-            Error::Decode { .. } | Error::InvalidRequest { .. } => false,
+            // Only a 2xx answer is decoded: the site accepted the request, whatever it said.
+            Error::Decode { .. } => true,
+            Error::InvalidRequest { .. } => false,
         }
     }
 
@@ -228,6 +230,12 @@ mod tests {
     #[test]
     fn only_answers_lost_after_sending_may_have_happened() {
         assert!(status(503, "").may_have_happened());
+        let garbled = Error::Decode {
+            op: Op::Create,
+            reason: "expected value".into(),
+            body: "}{".into(),
+        };
+        assert!(garbled.may_have_happened(), "a 2xx with an undecodable body");
         assert!(!status(404, "no").may_have_happened());
         let refused = Error::Transport {
             op: Op::Create,

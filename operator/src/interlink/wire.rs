@@ -408,6 +408,34 @@ pub fn decode_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, s
     serde_json::from_value(canonicalize_keys(value))
 }
 
+/// Decodes a `/pinglink` answer. Sites answer in three shapes, all healthy: interLink 0.6.2's
+/// `PingResponse` object (`Some`); an empty body, `[]` or `null` (older plugins); or the plugin's
+/// plain text (the SLURM plugin relays `sinfo -s`). Anything else is an error, so a site that
+/// answers garbage is not Ready: a body that starts like JSON (`{`, `[`, `}`, `]`, `"`) but is not
+/// one of those shapes (broken or wrongly shaped JSON), markup (`<`: a proxy's or login page's
+/// HTML), or bytes that are not UTF-8 text.
+pub fn decode_ping(body: &[u8]) -> Result<Option<PingResponse>, String> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err("the answer is not UTF-8 text".into());
+    };
+    let text = text.trim();
+    match text.chars().next() {
+        None => Ok(None),
+        Some('{' | '[' | '}' | ']' | '"') => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Null) => Ok(None),
+            Ok(Value::Array(items)) if items.is_empty() => Ok(None),
+            Ok(Value::Object(_)) => decode_object::<PingResponse>(text.as_bytes())
+                .map(Some)
+                .map_err(|e| format!("not an interLink PingResponse: {e}")),
+            Ok(other) => Err(format!("expected a PingResponse object, got {}", kind_of(&other))),
+            Err(e) => Err(format!("not JSON: {e}")),
+        },
+        Some('<') => Err("the answer is markup (HTML or XML), not an interLink answer".into()),
+        Some(c) if c.is_control() => Err("the answer is not text".into()),
+        Some(_) => Ok(None),
+    }
+}
+
 /// Decodes a `/create` answer: one `CreateStruct`, or (interLink 0.4 and older) a one-element list.
 pub fn decode_create(body: &[u8]) -> Result<CreateStruct, serde_json::Error> {
     let value: Value = serde_json::from_slice(body)?;

@@ -229,6 +229,41 @@ fn ping_answers_decode() {
     assert!(decode_object::<PingResponse>(b"").is_err());
 }
 
+#[test]
+fn ping_answers_from_real_sites_are_healthy() {
+    let full = br#"{"status":"ok","resources":{"cpu":"128"}}"#;
+    let p = decode_ping(full).expect("PingResponse").expect("some");
+    assert_eq!(p.resources.and_then(|r| r.cpu), Some(Quantity("128".into())));
+    // Older plugins and servers.
+    for legacy in [&b""[..], b"[]", b"null", b" \n"] {
+        assert_eq!(decode_ping(legacy), Ok(None), "{legacy:?}");
+    }
+    // The SLURM plugin relays `sinfo -s` (interlink-compatibility.md, 1).
+    let sinfo = b"PARTITION AVAIL  TIMELIMIT   NODES(A/I/O/T) NODELIST\ndebug*       up   infinite          0/1/0/1 node\n";
+    assert_eq!(decode_ping(sinfo), Ok(None));
+}
+
+#[test]
+fn garbage_and_wrongly_shaped_ping_answers_are_errors() {
+    for garbage in [
+        &b"}{ this is not json"[..],
+        b"{\"status\": \"ok\"",
+        b"[1, 2]",
+        b"\"ok\"",
+        br#"{"resources": "lots"}"#,
+        br#"{"resources": {"cpu": 12}, "taints": {"key": "x"}}"#,
+        b"<html><body>Sign in to continue</body></html>",
+        b"\x00\x01\x02binary",
+        b"\xff\xfe\xfd",
+    ] {
+        assert!(
+            decode_ping(garbage).is_err(),
+            "{:?} was accepted",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+}
+
 /// Shapes seen from interLink 0.6.2's API server in front of the SLURM plugin 0.6.2-pre5
 /// (docs/interlink-compatibility.md).
 #[test]
