@@ -85,7 +85,7 @@ pub struct OffloadPolicySpec {
 pub struct Requirements {
     /// GPU models a pod that requests GPUs may get (e.g. `A100`, `H100`); any model when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), extend("items" = {"type": "string", "minLength": 1, "maxLength": 63}))]
+    #[schemars(length(max = 16), extend("items" = {"type": "string", "minLength": 1, "maxLength": 63}, "x-kubernetes-list-type" = "set"))]
     pub gpu_models: Vec<String>,
     /// Minimum memory per GPU (a quantity: `40Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,11 +97,11 @@ pub struct Requirements {
     pub max_queue_wait_seconds: Option<i32>,
     /// Site kinds allowed; any when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4))]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub site_kinds: Vec<SiteKind>,
     /// Architectures allowed; any when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4))]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub architectures: Vec<Architecture>,
 }
 

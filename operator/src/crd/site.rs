@@ -51,7 +51,9 @@ use super::common::{
         priority = 1
     ),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: it is the value of the offload.dev/site label and taint of the site's Node")
 )]
 #[x_kube(validation = Rule::new("!has(self.auth) || !has(self.auth.clientCertificate) || self.endpoint.startsWith('https://')")
     .message("auth.clientCertificate needs an https:// endpoint").field_path(".auth.clientCertificate"))]
@@ -61,8 +63,8 @@ use super::common::{
 pub struct OffloadSiteSpec {
     /// URL of the site's interLink API server: `https://host[:port][/prefix]`, `http://...` (trusted
     /// networks only: the bearer token travels in clear), or `unix:///path/to/socket`.
-    #[x_kube(validation = Rule::new("self.startsWith('unix:///') || ((self.startsWith('https://') || self.startsWith('http://')) && isURL(self))")
-        .message("endpoint must be an http:// or https:// URL, or a unix:/// socket path"))]
+    #[x_kube(validation = Rule::new("self.startsWith('unix:///') || ((self.startsWith('https://') || self.startsWith('http://')) && isURL(self) && url(self).getHostname() != '')")
+        .message("endpoint must be an http:// or https:// URL with a host, or a unix:/// socket path"))]
     #[schemars(length(min = 1, max = 2048))]
     pub endpoint: String,
 
@@ -197,9 +199,9 @@ pub struct SiteCapacity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub pods: Option<i32>,
-    /// GPUs by resource name and model (at most 8 kinds).
+    /// GPUs by model (at most 8 models, each listed once).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"]))]
     pub gpus: Vec<GpuCapacity>,
 }
 
@@ -271,7 +273,7 @@ fn default_threshold() -> i32 {
 }
 
 /// Extra metadata for the site's virtual Node.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualNodeSpec {
     /// Labels added to the Node (the operator's own `offload.dev/site` label always wins).
@@ -279,9 +281,14 @@ pub struct VirtualNodeSpec {
     #[schemars(extend("maxProperties" = 32))]
     pub labels: BTreeMap<String, String>,
     /// Taints added to the Node, besides `offload.dev/site=<site>:NoSchedule` and interLink's
-    /// `virtual-node.interlink/no-schedule=true:NoSchedule`.
+    /// `virtual-node.interlink/no-schedule=true:NoSchedule`. Each key and effect at most once;
+    /// effects are `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(t, t.effect in ['NoSchedule', 'PreferNoSchedule', 'NoExecute'])")
+        .message("a taint effect must be NoSchedule, PreferNoSchedule or NoExecute"))]
+    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u.key == t.key && u.effect == t.effect))")
+        .message("taints must not repeat a key and effect"))]
     pub taints: Vec<Taint>,
 }
 
