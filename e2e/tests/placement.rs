@@ -133,8 +133,9 @@ async fn pods_go_to_the_best_site_and_explain_why() {
             let placed = pods.get("gpu-1").await?;
             let explanation: Value = serde_json::from_str(placed.annotations().get("offload.dev/placement").context("explanation")?)?;
             ensure!(explanation["chosen"] == cloud.as_str(), "{explanation}");
-            ensure!(explanation["rejected"][&hpc]["reason"] == "namespaceNotAllowed", "{explanation}");
-            ensure!(explanation["rejected"][&htc]["reason"] == "noAllowedGpuModel", "{explanation}");
+            // Every failing filter of each rejected site, in order.
+            ensure!(explanation["rejected"][&hpc][0]["reason"] == "namespaceNotAllowed", "{explanation}");
+            ensure!(explanation["rejected"][&htc][0]["reason"] == "noAllowedGpuModel", "{explanation}");
 
             // 2. Allowed on HPC now; with its long queue the GPU policy still prefers the cloud...
             let label = json!({"metadata": {"labels": {"hpc-allowed": "true"}}});

@@ -33,7 +33,7 @@ fn sites(n: usize) -> Vec<SiteSnapshot> {
                 relative_cost: (i as i64 * 37) % 500,
                 max_concurrent_pods: Some(2_000),
                 active_pods: 0,
-                policy_pods: 0,
+                pods_by_policy: Default::default(),
                 capacity: cap.clone(),
                 free: cap,
                 gpus: vec![GpuOffer {

@@ -193,7 +193,7 @@ async fn cycle(
                     tracing::warn!(pod = %pod.name_any(), error = %e, "binding failed; retried next cycle");
                     continue;
                 }
-                reserve(&mut snapshots, site, &needs.requests);
+                reserve(&mut snapshots, site, &decision.policy, &needs.requests);
                 told.remove(&pod.uid().unwrap_or_default());
                 let best = &decision.ranking[0];
                 let note = format!(
@@ -305,10 +305,10 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
             ready: is_true(&status.conditions, "Ready"),
             cordoned: site.spec.cordoned,
             namespace_selector: site.spec.namespace_selector.clone(),
-            relative_cost: i64::from(site.spec.relative_cost),
+            relative_cost: crate::placement::cost_milli(site.spec.relative_cost),
             max_concurrent_pods: site.spec.max_concurrent_pods.map(i64::from),
             active_pods: active.len() as i64,
-            policy_pods: active.len() as i64,
+            pods_by_policy: pods_by_policy(&active),
             capacity: cap,
             free,
             gpus: site
@@ -426,13 +426,33 @@ fn view(p: &OffloadPolicy) -> PolicyView {
     }
 }
 
-fn reserve(snapshots: &mut [SiteSnapshot], site: &str, r: &Resources) {
+/// Pods by the policy that placed them, from their placement annotation (pods bound some other
+/// way, e.g. interLink-style by kube-scheduler, count for no policy).
+fn pods_by_policy(pods: &[Pod]) -> BTreeMap<String, i64> {
+    #[derive(serde::Deserialize)]
+    struct PlacedBy {
+        policy: String,
+    }
+    let mut out = BTreeMap::new();
+    for p in pods {
+        let placed = p
+            .annotations()
+            .get(ANNOTATION_PLACEMENT)
+            .and_then(|a| serde_json::from_str::<PlacedBy>(a).ok());
+        if let Some(PlacedBy { policy }) = placed {
+            *out.entry(policy).or_default() += 1;
+        }
+    }
+    out
+}
+
+fn reserve(snapshots: &mut [SiteSnapshot], site: &str, policy: &str, r: &Resources) {
     if let Some(s) = snapshots.iter_mut().find(|s| s.name == site) {
         s.free.cpu_milli -= r.cpu_milli;
         s.free.memory_bytes -= r.memory_bytes;
         s.free.pods -= 1;
         s.active_pods += 1;
-        s.policy_pods += 1;
+        *s.pods_by_policy.entry(policy.to_string()).or_default() += 1;
         for (g, n) in &r.gpus {
             *s.free.gpus.entry(g.clone()).or_default() -= n;
         }

@@ -42,7 +42,7 @@ use super::common::{
         type_ = "integer",
         json_path = ".status.observedQueueWaitSeconds"
     ),
-    printcolumn(name = "Cost", type_ = "integer", json_path = ".spec.relativeCost"),
+    printcolumn(name = "Cost", type_ = "number", json_path = ".spec.relativeCost"),
     printcolumn(name = "Cordoned", type_ = "boolean", json_path = ".spec.cordoned"),
     printcolumn(
         name = "Endpoint",
@@ -99,10 +99,11 @@ pub struct OffloadSiteSpec {
     #[schemars(range(min = 0, max = 2_592_000))]
     pub typical_queue_wait_seconds: Option<i32>,
 
-    /// Relative cost of running here; lower is cheaper. Only the ratio between sites matters.
+    /// Relative cost of running here; lower is cheaper. Only the ratio between sites matters. A
+    /// decimal number (`0.5`, `1.25`, `300`), used to a thousandth.
     #[serde(default = "default_cost")]
     #[schemars(range(min = 0, max = 1_000_000))]
-    pub relative_cost: i32,
+    pub relative_cost: f64,
 
     /// Most pods the operator keeps at the site at once (running or queued); unlimited when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,8 +132,8 @@ pub struct OffloadSiteSpec {
     pub cordoned: bool,
 }
 
-fn default_cost() -> i32 {
-    100
+fn default_cost() -> f64 {
+    100.0
 }
 
 fn default_sync_interval() -> i32 {
@@ -284,11 +285,9 @@ pub struct VirtualNodeSpec {
     /// `virtual-node.interlink/no-schedule=true:NoSchedule`. Each key and effect at most once;
     /// effects are `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["key", "effect"]))]
     #[x_kube(validation = Rule::new("self.all(t, t.effect in ['NoSchedule', 'PreferNoSchedule', 'NoExecute'])")
         .message("a taint effect must be NoSchedule, PreferNoSchedule or NoExecute"))]
-    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u.key == t.key && u.effect == t.effect))")
-        .message("taints must not repeat a key and effect"))]
     pub taints: Vec<Taint>,
 }
 

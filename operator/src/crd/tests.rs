@@ -239,7 +239,7 @@ fn defaults_are_sensible() {
     assert_eq!(spec.health_check.timeout_seconds, 5);
     assert_eq!(spec.health_check.failure_threshold, 3);
     assert_eq!(spec.status_sync_interval_seconds, 5);
-    assert_eq!(spec.relative_cost, 100);
+    assert_eq!(spec.relative_cost, 100.0);
     assert!(!spec.cordoned);
     assert!(spec.auth.is_none());
     // The schema carries the same defaults, so the API server fills them in.

@@ -2,7 +2,7 @@
 
 use std::cmp::Reverse;
 
-use super::{Decision, PodNeeds, PolicyView, Ranked, Rejection, SiteSnapshot, selector};
+use super::{Decision, PodNeeds, PolicyView, Ranked, Rejection, Rejections, SiteSnapshot, selector};
 use crate::crd::policy::Strategy;
 
 /// Chooses a site for the pod. `exclude` lists sites that failed this workload before (failover).
@@ -13,11 +13,11 @@ pub fn place(pod: &PodNeeds, policy: &PolicyView, sites: &[SiteSnapshot], exclud
     };
     let mut feasible: Vec<&SiteSnapshot> = Vec::new();
     for site in sites {
-        match filter(pod, policy, site, exclude) {
-            Some(reason) => {
-                decision.rejected.insert(site.name.clone(), reason);
-            }
-            None => feasible.push(site),
+        let reasons = filters(pod, policy, site, exclude);
+        if reasons.is_empty() {
+            feasible.push(site);
+        } else {
+            decision.rejected.insert(site.name.clone(), Rejections(reasons));
         }
     }
     let mut ranking = score(pod, policy, &feasible);
@@ -26,8 +26,8 @@ pub fn place(pod: &PodNeeds, policy: &PolicyView, sites: &[SiteSnapshot], exclud
             ranking.sort_by(|a, b| (Reverse(a.0.score), &a.0.site).cmp(&(Reverse(b.0.score), &b.0.site)))
         }
         Strategy::Spread => ranking.sort_by(|a, b| {
-            (a.1.policy_pods, Reverse(a.0.score), &a.0.site).cmp(&(
-                b.1.policy_pods,
+            (a.1.policy_pods(&policy.name), Reverse(a.0.score), &a.0.site).cmp(&(
+                b.1.policy_pods(&policy.name),
                 Reverse(b.0.score),
                 &b.0.site,
             ))
@@ -43,18 +43,31 @@ pub fn place(pod: &PodNeeds, policy: &PolicyView, sites: &[SiteSnapshot], exclud
 }
 
 /// The first filter the site fails, or `None` when it can take the pod.
+#[cfg(test)]
 pub(crate) fn filter(
     pod: &PodNeeds,
     policy: &PolicyView,
     site: &SiteSnapshot,
     exclude: &[String],
 ) -> Option<Rejection> {
+    filters(pod, policy, site, exclude).into_iter().next()
+}
+
+/// Every filter the site fails (empty when it can take the pod), so a user fixing one reason sees
+/// the others at once. A site the pod may not be sent to at all (pinned elsewhere, excluded, not a
+/// candidate of the policy) gets that one reason alone: the rest would be noise.
+pub(crate) fn filters(
+    pod: &PodNeeds,
+    policy: &PolicyView,
+    site: &SiteSnapshot,
+    exclude: &[String],
+) -> Vec<Rejection> {
     let req = &policy.requirements;
     if pod.pinned_site.as_ref().is_some_and(|p| p != &site.name) {
-        return Some(Rejection::NotPinned);
+        return vec![Rejection::NotPinned];
     }
     if exclude.contains(&site.name) {
-        return Some(Rejection::Excluded);
+        return vec![Rejection::Excluded];
     }
     // A pinned site skips the policy's candidate list, never its requirements.
     if pod.pinned_site.is_none() {
@@ -64,28 +77,29 @@ pub(crate) fn filter(
             .as_ref()
             .is_none_or(|s| selector::matches(s, &site.labels));
         if !listed || !selected {
-            return Some(Rejection::NotSelectedByPolicy);
+            return vec![Rejection::NotSelectedByPolicy];
         }
     }
+    let mut out = Vec::new();
     if !site.ready {
-        return Some(Rejection::NotReady);
+        out.push(Rejection::NotReady);
     }
     if site.cordoned {
-        return Some(Rejection::Cordoned);
+        out.push(Rejection::Cordoned);
     }
     if !selector::matches(&site.namespace_selector, &pod.namespace_labels) {
-        return Some(Rejection::NamespaceNotAllowed);
+        out.push(Rejection::NamespaceNotAllowed);
     }
     if !req.site_kinds.is_empty() && !req.site_kinds.contains(&site.kind) {
-        return Some(Rejection::KindNotAllowed);
+        out.push(Rejection::KindNotAllowed);
     }
     if !req.architectures.is_empty() && !req.architectures.contains(&site.architecture) {
-        return Some(Rejection::ArchitectureNotAllowed);
+        out.push(Rejection::ArchitectureNotAllowed);
     }
     if let Some(max) = req.max_queue_wait_seconds
         && site.expected_wait_seconds > i64::from(max)
     {
-        return Some(Rejection::QueueTooLong {
+        out.push(Rejection::QueueTooLong {
             expected: site.expected_wait_seconds,
             max: i64::from(max),
         });
@@ -93,7 +107,7 @@ pub(crate) fn filter(
     if let Some(limit) = site.max_concurrent_pods
         && site.active_pods >= limit
     {
-        return Some(Rejection::ConcurrencyLimit { limit });
+        out.push(Rejection::ConcurrencyLimit { limit });
     }
     let need = &pod.requests;
     let short = |resource: &str, needed: i64, free: i64| {
@@ -103,15 +117,9 @@ pub(crate) fn filter(
             free,
         })
     };
-    if let Some(r) = short("pods", need.pods.max(1), site.free.pods) {
-        return Some(r);
-    }
-    if let Some(r) = short("cpu", need.cpu_milli, site.free.cpu_milli) {
-        return Some(r);
-    }
-    if let Some(r) = short("memory", need.memory_bytes, site.free.memory_bytes) {
-        return Some(r);
-    }
+    out.extend(short("pods", need.pods.max(1), site.free.pods));
+    out.extend(short("cpu", need.cpu_milli, site.free.cpu_milli));
+    out.extend(short("memory", need.memory_bytes, site.free.memory_bytes));
     for (resource, &count) in need.gpus.iter().filter(|(_, c)| **c > 0) {
         let offers: Vec<_> = site.gpus.iter().filter(|g| &g.resource == resource).collect();
         let allowed: Vec<_> = offers
@@ -121,26 +129,25 @@ pub(crate) fn filter(
             })
             .collect();
         if allowed.is_empty() {
-            return Some(Rejection::NoAllowedGpuModel {
+            out.push(Rejection::NoAllowedGpuModel {
                 resource: resource.clone(),
             });
+            continue;
         }
         if let Some(min) = policy.min_gpu_memory_bytes
             && !allowed.iter().any(|g| g.memory_bytes.is_some_and(|m| m >= min))
         {
-            return Some(Rejection::GpuMemoryTooSmall {
+            out.push(Rejection::GpuMemoryTooSmall {
                 resource: resource.clone(),
             });
         }
-        if let Some(r) = short(
+        out.extend(short(
             resource,
             count,
             site.free.gpus.get(resource).copied().unwrap_or(0),
-        ) {
-            return Some(r);
-        }
+        ));
     }
-    None
+    out
 }
 
 /// Scores of the feasible sites, in input order.

@@ -72,14 +72,15 @@ pub struct SiteSnapshot {
     pub cordoned: bool,
     /// Namespaces allowed (tenancy).
     pub namespace_selector: LabelSelector,
-    /// `spec.relativeCost`.
+    /// `spec.relativeCost` in thousandths (`0.5` is 500), so scores stay integer and exact.
     pub relative_cost: i64,
     /// `spec.maxConcurrentPods`.
     pub max_concurrent_pods: Option<i64>,
     /// Pods at the site now, including ones just bound and not yet reported.
     pub active_pods: i64,
-    /// Pods of the deciding policy at the site (for the spread strategy).
-    pub policy_pods: i64,
+    /// Pods at the site by the policy that placed them (for the spread strategy, which counts
+    /// only the deciding policy's pods).
+    pub pods_by_policy: BTreeMap<String, i64>,
     /// Capacity.
     pub capacity: Resources,
     /// Free capacity (capacity minus what is placed there, reservations included).
@@ -88,6 +89,22 @@ pub struct SiteSnapshot {
     pub gpus: Vec<GpuOffer>,
     /// Expected queue wait before a new pod starts, in seconds (see [`queue::expected_wait`]).
     pub expected_wait_seconds: i64,
+}
+
+/// A `relativeCost` in thousandths, as the engine compares costs. The CRD bounds it to
+/// 0..=1,000,000; anything outside (or not a number) is clamped.
+pub fn cost_milli(relative_cost: f64) -> i64 {
+    if relative_cost.is_nan() {
+        return 0;
+    }
+    (relative_cost.clamp(0.0, 1_000_000.0) * 1000.0).round() as i64
+}
+
+impl SiteSnapshot {
+    /// Pods the policy `policy` has at the site.
+    pub fn policy_pods(&self, policy: &str) -> i64 {
+        self.pods_by_policy.get(policy).copied().unwrap_or(0)
+    }
 }
 
 /// The policy as the engine uses it.
@@ -223,8 +240,32 @@ pub struct Decision {
     pub policy: String,
     /// Feasible sites, best first.
     pub ranking: Vec<Ranked>,
-    /// Every other site with the first reason it failed, by site name.
-    pub rejected: BTreeMap<String, Rejection>,
+    /// Every other site with every reason it failed, by site name.
+    pub rejected: BTreeMap<String, Rejections>,
+}
+
+/// Every reason one site was rejected, in filter order (never empty in a [`Decision`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Rejections(pub Vec<Rejection>);
+
+impl Rejections {
+    /// The first reason.
+    pub fn first(&self) -> Option<&Rejection> {
+        self.0.first()
+    }
+}
+
+impl std::fmt::Display for Rejections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{r}")?;
+        }
+        Ok(())
+    }
 }
 
 impl Decision {

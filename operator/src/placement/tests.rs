@@ -34,7 +34,7 @@ fn site(name: &str) -> SiteSnapshot {
         relative_cost: 100,
         max_concurrent_pods: None,
         active_pods: 0,
-        policy_pods: 0,
+        pods_by_policy: BTreeMap::new(),
         capacity: res(100, 400, 100, &[]),
         free: res(100, 400, 100, &[]),
         gpus: Vec::new(),
@@ -230,7 +230,11 @@ fn each_filter_rejects_with_its_reason() {
         assert_eq!(filter(&p, &pol, &s, &[]), Some(expected.clone()), "{what}");
         let d = place(&p, &pol, std::slice::from_ref(&s), &[]);
         assert_eq!(d.chosen, None, "{what}");
-        assert_eq!(d.rejected.get("s"), Some(&expected), "{what}");
+        assert_eq!(
+            d.rejected.get("s").and_then(Rejections::first),
+            Some(&expected),
+            "{what}"
+        );
     }
     assert_eq!(
         filter(&pod(1, 1, 0), &policy(), &site("s"), &["s".into()]),
@@ -324,7 +328,7 @@ fn gpu_fit_prefers_least_waste_and_keeps_gpu_sites_for_gpu_work() {
         "4 of 4 free GPUs used: no waste"
     );
     assert_eq!(
-        d.rejected.get("cpu"),
+        d.rejected.get("cpu").and_then(Rejections::first),
         Some(&Rejection::NoAllowedGpuModel {
             resource: "nvidia.com/gpu".into()
         })
@@ -348,18 +352,89 @@ fn ties_break_by_site_name() {
 
 #[test]
 fn spread_prefers_the_site_with_fewest_pods_of_the_policy() {
-    let mut a = site("a");
-    a.policy_pods = 5;
-    a.relative_cost = 1;
-    let b = site("b");
     let pol = PolicyView {
         strategy: Strategy::Spread,
         ..policy()
     };
+    let mut a = site("a");
+    a.pods_by_policy.insert(pol.name.clone(), 5);
+    a.relative_cost = 1;
+    let b = site("b");
     assert_eq!(
         place(&pod(1, 1, 0), &pol, &[a, b], &[]).chosen.as_deref(),
         Some("b")
     );
+}
+
+#[test]
+fn a_site_at_half_the_cost_is_written_directly_and_wins_on_cost() {
+    assert_eq!(cost_milli(0.5), 500);
+    assert_eq!(cost_milli(1.0), 1000);
+    assert_eq!(cost_milli(-3.0), 0);
+    assert_eq!(cost_milli(f64::NAN), 0);
+    let mut half = site("half");
+    half.relative_cost = cost_milli(0.5);
+    let mut full = site("full");
+    full.relative_cost = cost_milli(1.0);
+    let only_cost = PolicyView {
+        weights: crate::crd::policy::Weights {
+            queue_time: 0,
+            cost: 100,
+            free_capacity: 0,
+            gpu_fit: 0,
+        },
+        ..policy()
+    };
+    let d = place(&pod(1, 1, 0), &only_cost, &[full, half], &[]);
+    assert_eq!(d.chosen.as_deref(), Some("half"), "{d:?}");
+}
+
+#[test]
+fn a_rejected_site_lists_every_failing_filter() {
+    let mut s = site("s");
+    s.ready = false;
+    s.free.cpu_milli = 500;
+    let mut pol = policy();
+    pol.requirements.max_queue_wait_seconds = Some(10);
+    s.expected_wait_seconds = 600;
+    let d = place(&pod(2, 1, 0), &pol, std::slice::from_ref(&s), &[]);
+    let reasons = &d.rejected["s"].0;
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(reasons[0], Rejection::NotReady);
+    assert!(
+        matches!(reasons[1], Rejection::QueueTooLong { .. }),
+        "{reasons:?}"
+    );
+    assert!(
+        matches!(&reasons[2], Rejection::Insufficient { resource, .. } if resource == "cpu"),
+        "{reasons:?}"
+    );
+    let text = d.rejection_summary();
+    assert!(
+        text.starts_with("s: site not ready, expected queue wait 600s exceeds 10s, insufficient cpu"),
+        "{text}"
+    );
+    // A site the pod may not go to at all says only that.
+    let d = place(&pod(2, 1, 0), &pol, std::slice::from_ref(&s), &["s".into()]);
+    assert_eq!(d.rejected["s"].0, vec![Rejection::Excluded]);
+}
+
+#[test]
+fn spread_ignores_other_policies_pods() {
+    let pol = PolicyView {
+        strategy: Strategy::Spread,
+        ..policy()
+    };
+    // Site a is full of another policy's pods and has fewer of ours: spread picks a.
+    let mut a = site("a");
+    a.pods_by_policy.insert("batch".into(), 50);
+    a.pods_by_policy.insert(pol.name.clone(), 1);
+    a.active_pods = 51;
+    let mut b = site("b");
+    b.pods_by_policy.insert(pol.name.clone(), 2);
+    b.active_pods = 2;
+    let d = place(&pod(1, 1, 0), &pol, &[a, b], &[]);
+    assert_eq!(d.chosen.as_deref(), Some("a"), "{d:?}");
 }
 
 #[test]
@@ -380,7 +455,7 @@ fn ordered_fallback_takes_the_first_feasible_site_in_order() {
         "first is full; order beats cost"
     );
     assert!(matches!(
-        d.rejected.get("first"),
+        d.rejected.get("first").and_then(Rejections::first),
         Some(Rejection::Insufficient { .. })
     ));
     assert_eq!(
@@ -400,7 +475,9 @@ fn the_explanation_names_every_rejected_site() {
     let summary = d.rejection_summary();
     assert_eq!(
         summary,
-        "cpu: no allowed GPU model for nvidia.com/gpu; down: site not ready; gpu: site cordoned"
+        "cpu: no allowed GPU model for nvidia.com/gpu; \
+         down: site not ready, no allowed GPU model for nvidia.com/gpu; \
+         gpu: site cordoned, insufficient nvidia.com/gpu: needs 16, 8 free"
     );
 }
 
