@@ -107,12 +107,16 @@ async fn pods_run_at_the_site_and_report_back() {
                 Ok::<_, kube::Error>((!left).then_some(()))
             })
             .await?;
-            ensure!(
-                sim.pod_count() == held - 2 && sim.stats().deletes == deletes + 2,
-                "the site still holds finished pods: {} of {held} left, {} deletes",
-                sim.pod_count(),
-                sim.stats().deletes - deletes
-            );
+            wait::until("the site to forget the finished pods", TIMEOUT, || async {
+                let left = sim.pod_count();
+                if left == held - 2 {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("{left} of {held} left, {} deletes", sim.stats().deletes - deletes))
+                }
+            })
+            .await?;
+            ensure!(sim.stats().deletes == deletes + 2, "one delete each: {}", sim.stats().deletes - deletes);
 
             // A create the site performed but answered with garbage: the pod runs, created once.
             sim.inject(faults::Fault { op: "create".into(), kind: faults::FaultKind::Garbage, count: 1 });

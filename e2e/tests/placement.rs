@@ -249,3 +249,130 @@ async fn pods_go_to_the_best_site_and_explain_why() {
     })
     .await;
 }
+
+/// The site's condition `type` once it has status `want`; its reason.
+async fn condition(sites: &Api<OffloadSite>, name: &str, type_: &str, want: &str) -> anyhow::Result<String> {
+    wait::until(&format!("{name} {type_}={want}"), TIMEOUT, || async {
+        let s = sites.get(name).await?;
+        let c = s
+            .status
+            .into_iter()
+            .flat_map(|st| st.conditions)
+            .find(|c| c.type_ == type_ && c.status == want);
+        Ok::<_, kube::Error>(c.map(|c| c.reason))
+    })
+    .await
+}
+
+/// A site that accepts pods and never starts them (a black hole) stops receiving new pods once a
+/// pod has waited there past its `podStartTimeoutSeconds`, and says why on its OffloadSite; when
+/// its pods start again it takes pods again.
+#[tokio::test]
+async fn a_black_hole_site_stops_receiving_pods_and_says_why() {
+    TestNamespace::run("black-hole", |t| async move {
+        let op = Operator::start(t.cluster, &t.name).await?;
+        let hole_sim = SimHandle::start(SimConfig {
+            simulate: true,
+            queue_delay: Duration::from_secs(3600),
+            ..SimConfig::default()
+        })
+        .await?;
+        let good_sim = sim().await;
+        let (hole, good) = (format!("{}-hole", t.name), format!("{}-good", t.name));
+        let sites: Api<OffloadSite> = Api::all(t.client.clone());
+        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let pp = PostParams::default();
+        // The hole is the cheaper site, and the policy weighs cost alone: only the black-hole
+        // rule can move pods away from it.
+        sites
+            .create(
+                &pp,
+                &site(
+                    &t.name,
+                    &hole,
+                    &hole_sim.url,
+                    json!({"relativeCost": 1, "podStartTimeoutSeconds": 8}),
+                )?,
+            )
+            .await?;
+        sites
+            .create(
+                &pp,
+                &site(&t.name, &good, &good_sim.url, json!({"relativeCost": 100}))?,
+            )
+            .await?;
+        let weights = json!({"queueTime": 0, "cost": 100, "freeCapacity": 0, "gpuFit": 0});
+        policies
+            .create(
+                &pp,
+                &policy(
+                    &t.name,
+                    &t.name,
+                    json!({"sites": [&hole, &good], "weights": weights}),
+                )?,
+            )
+            .await?;
+        t.default_service_account().await?;
+        let result = async {
+            condition(&sites, &hole, "Ready", "True").await?;
+            condition(&sites, &good, "Ready", "True").await?;
+            pods.create(&pp, &pod("first", &t.name, "1", 0)?).await?;
+            ensure!(
+                node_of(&pods, "first").await? == format!("offload-{hole}"),
+                "the cheap site first"
+            );
+            let reason = condition(&sites, &hole, "PodsStarting", "False").await?;
+            ensure!(reason == "PodsNotStarting", "{reason}");
+            let first = pods.get("first").await?;
+            let phase = first.status.as_ref().and_then(|s| s.phase.clone());
+            ensure!(
+                phase.as_deref() == Some("Pending"),
+                "the first pod still waits there: {phase:?}"
+            );
+
+            pods.create(&pp, &pod("second", &t.name, "1", 0)?).await?;
+            ensure!(
+                node_of(&pods, "second").await? == format!("offload-{good}"),
+                "no new pods for the black hole"
+            );
+            let second = pods.get("second").await?;
+            let explanation: Value = serde_json::from_str(
+                second
+                    .annotations()
+                    .get("offload.dev/placement")
+                    .context("explanation")?,
+            )?;
+            ensure!(
+                explanation["rejected"][&hole][0]["reason"] == "podsNotStarting",
+                "{explanation}"
+            );
+            let hole_site = sites.get(&hole).await?;
+            let message = hole_site
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .find(|c| c.type_ == "PodsStarting")
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            ensure!(message.contains("podStartTimeoutSeconds"), "{message}");
+
+            // The site starts pods again, and the stuck one goes: it is a candidate again.
+            hole_sim.set_queue_delay(Duration::ZERO);
+            pods.delete("first", &DeleteParams::default()).await?;
+            condition(&sites, &hole, "PodsStarting", "True").await?;
+            pods.create(&pp, &pod("third", &t.name, "1", 0)?).await?;
+            ensure!(
+                node_of(&pods, "third").await? == format!("offload-{hole}"),
+                "the cheap site again"
+            );
+            Ok(())
+        }
+        .await;
+        let cleanup = offload_e2e::fixtures::delete_sites(&t, &sites, &[&hole, &good]).await;
+        let _ = policies.delete(&t.name, &DeleteParams::default()).await;
+        result.map_err(|e: anyhow::Error| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))?;
+        cleanup
+    })
+    .await;
+}

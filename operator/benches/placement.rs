@@ -42,6 +42,7 @@ fn sites(n: usize) -> Vec<SiteSnapshot> {
                     memory_bytes: Some(80 * GI),
                 }],
                 expected_wait_seconds: (i as i64 * 311) % 7200,
+                not_starting: false,
             }
         })
         .collect()

@@ -235,6 +235,12 @@ impl SimHandle {
         pods.len()
     }
 
+    /// Sets the queue delay of pods created from now on (also `POST /debug/queue-delay
+    /// {"seconds": N}`).
+    pub fn set_queue_delay(&self, d: Duration) {
+        self.state.lock().queue_delay = Some(d);
+    }
+
     /// Number of pods the site knows.
     pub fn pod_count(&self) -> usize {
         self.state.lock().pods.len()
@@ -331,6 +337,7 @@ fn router(app: App) -> Router {
         .route("/debug/stats", get(stats))
         .route("/debug/faults", post(add_fault).delete(clear_faults))
         .route("/debug/down", post(go_down))
+        .route("/debug/queue-delay", post(set_queue_delay))
         .with_state(app)
 }
 
@@ -447,7 +454,7 @@ async fn create(AxState(app): AxState<App>, body: Bytes) -> Response {
     let spec = RunSpec {
         uid: uid.clone(),
         dir,
-        queue_delay: app.config.queue_delay,
+        queue_delay: app.state.lock().queue_delay.unwrap_or(app.config.queue_delay),
         simulate: app.config.simulate,
     };
     tokio::spawn(run_pod(app.state.clone(), spec, request, cancel_rx));
@@ -693,6 +700,18 @@ async fn go_down(AxState(app): AxState<App>, _headers: HeaderMap, Json(d): Json<
         let _ = tx.send(Some(Duration::from_secs_f64(d.seconds.max(0.0))));
     }
     StatusCode::ACCEPTED
+}
+
+#[derive(Deserialize)]
+struct QueueDelay {
+    seconds: f64,
+}
+
+/// Sets the queue delay of pods created from now on: a site slowing down (or speeding up) at run
+/// time.
+async fn set_queue_delay(AxState(app): AxState<App>, Json(d): Json<QueueDelay>) -> StatusCode {
+    app.state.lock().queue_delay = Some(Duration::from_secs_f64(d.seconds.clamp(0.0, 86_400.0)));
+    StatusCode::NO_CONTENT
 }
 
 #[cfg(test)]

@@ -112,6 +112,8 @@ pub(crate) fn waiting(reason: &str, message: &str) -> ContainerState {
 /// Everything the handlers and runners share.
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// Replaces `SimConfig::queue_delay` for pods created from now on (`/debug/queue-delay`).
+    pub queue_delay: Option<std::time::Duration>,
     pub pods: HashMap<String, SimPod>,
     pub stats: Stats,
     pub faults: Faults,
@@ -129,6 +131,7 @@ impl State {
     pub(crate) fn new(slots: usize) -> State {
         State {
             inner: Arc::new(Mutex::new(Inner {
+                queue_delay: None,
                 pods: HashMap::new(),
                 stats: Stats::default(),
                 faults: Faults::default(),

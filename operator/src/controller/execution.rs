@@ -31,7 +31,7 @@ use crate::{
     crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, OffloadSite},
     interlink::{Error as SiteError, wire::PodCreateRequests},
     metrics::Metrics,
-    placement::{queue, selector},
+    placement::selector,
 };
 
 const MANAGER: &str = "offload-operator";
@@ -46,13 +46,15 @@ struct Ctx {
     metrics: Metrics,
     /// When each pod was created at its site, until it first runs (for the observed queue time).
     created: Mutex<HashMap<String, (String, Instant)>>,
-    /// Observed create-to-running moving average per site, in seconds.
-    observed: Mutex<HashMap<String, f64>>,
     /// Pods a site's status answer left out: how many answers in a row, since when.
     missing: Mutex<HashMap<String, (String, u32, Instant)>>,
     /// Per site, statuses written that the watch cache may not show yet (compared instead of a
     /// stale copy).
     written: Mutex<HashMap<String, WrittenStatuses>>,
+    /// Per site, the finished pods with a remote job seen at the last sync, by UID. The API server
+    /// deletes a finished pod at once (no deletionTimestamp, so no reconcile sees it go): a pod
+    /// that has left the cache since is deleted at its site from this copy.
+    finished: Mutex<HashMap<String, HashMap<String, Arc<Pod>>>>,
 }
 
 /// A pod the site's answers have left out this many times in a row, over at least this long, is
@@ -97,9 +99,9 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
         recorder,
         metrics,
         created: Mutex::default(),
-        observed: Mutex::default(),
         missing: Mutex::default(),
         written: Mutex::default(),
+        finished: Mutex::default(),
     });
     tokio::spawn(sync_forever(ctx.clone()));
     controller
@@ -584,7 +586,11 @@ async fn sync_forever(ctx: Arc<Ctx>) {
             last.insert(name.clone(), Instant::now());
             let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(SYNC_DEADLINE, sync_site(&ctx, &site)).await {
+                let sync = async {
+                    sweep_finished(&ctx, &site).await;
+                    sync_site(&ctx, &site).await
+                };
+                match tokio::time::timeout(SYNC_DEADLINE, sync).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(site = %name, error = %e, "status sync failed"),
                     Err(_) => {
@@ -593,6 +599,64 @@ async fn sync_forever(ctx: Arc<Ctx>) {
                 }
                 in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
             });
+        }
+    }
+}
+
+/// Finished pods of the site, with a remote job and no deletion in progress (those go through
+/// `delete`), by UID.
+fn finished_at(pods: &Store<Pod>, node: &str) -> HashMap<String, Arc<Pod>> {
+    pods.state()
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| {
+            terminal(p)
+                && p.metadata.deletion_timestamp.is_none()
+                && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
+        })
+        .filter_map(|p| Some((p.uid()?, p)))
+        .collect()
+}
+
+/// Deletes at the site the finished pods that have left the cluster since the last sync: their
+/// job, state and logs would stay at the site forever otherwise.
+async fn sweep_finished(ctx: &Ctx, site: &OffloadSite) {
+    let name = site.name_any();
+    let now = finished_at(&ctx.pods, &node_name(&name));
+    let gone: Vec<Arc<Pod>> = {
+        let mut finished = ctx.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let before = finished.insert(name.clone(), now.clone()).unwrap_or_default();
+        before
+            .into_iter()
+            .filter(|(uid, _)| !now.contains_key(uid))
+            .map(|(_, p)| p)
+            .collect()
+    };
+    if gone.is_empty() {
+        return;
+    }
+    let Some((client, _)) = site_client(&ctx.clients, &name) else {
+        return;
+    };
+    for pod in gone {
+        // Still in the cache under another form (deleting, or running again): not gone.
+        let uid = pod.uid().unwrap_or_default();
+        if ctx
+            .pods
+            .state()
+            .iter()
+            .any(|p| p.uid().as_deref() == Some(uid.as_str()))
+        {
+            continue;
+        }
+        if !delete_at_site(ctx, &pod, &name, &client).await {
+            // The site still has it: keep it for the next sweep.
+            ctx.finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(name.clone())
+                .or_default()
+                .insert(uid, pod);
         }
     }
 }
@@ -698,7 +762,7 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
             continue;
         }
         if new.phase.as_deref() != Some("Pending") {
-            note_started(ctx, &uid, &name).await;
+            note_started(ctx, &uid, &name);
         }
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
         let patch = json!({"status": new});
@@ -722,30 +786,32 @@ fn written_for<T>(ctx: &Ctx, site: &str, f: impl FnOnce(&mut WrittenStatuses) ->
     f(written.entry(site.to_string()).or_default())
 }
 
-/// The first non-Pending status of a pod created by this process: one queue-time sample.
-async fn note_started(ctx: &Ctx, uid: &str, site: &str) {
+/// The first non-Pending status of a pod created by this process: one queue-time sample, added
+/// to the site's observed average in the shared registry (the site controller writes it into the
+/// site's status: one writer).
+fn note_started(ctx: &Ctx, uid: &str, site: &str) {
     let Some((_, created)) = ctx.created.lock().unwrap_or_else(|p| p.into_inner()).remove(uid) else {
         return;
     };
     let sample = created.elapsed().as_secs_f64();
-    let avg = {
-        let mut observed = ctx.observed.lock().unwrap_or_else(|p| p.into_inner());
-        let avg = queue::observe(observed.get(site).copied(), sample);
-        observed.insert(site.to_string(), avg);
-        avg
-    };
+    let persisted = ctx
+        .sites
+        .state()
+        .into_iter()
+        .find(|s| s.name_any() == site)
+        .and_then(|s| s.status.as_ref()?.observed_queue_wait_seconds);
+    let avg = ctx
+        .clients
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(site.to_string())
+        .or_default()
+        .observe_start(persisted, sample);
+    tracing::debug!(site, sample, average = avg, "observed queue wait");
     ctx.metrics
         .bind_to_running
         .with_label_values(&[site])
         .observe(sample);
-    let patch = json!({"status": {"observedQueueWaitSeconds": avg.round() as i64}});
-    let sites: Api<OffloadSite> = Api::all(ctx.client.clone());
-    if let Err(e) = sites
-        .patch_status(site, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        tracing::debug!(site, error = %e, "cannot record the observed queue time");
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,6 +34,32 @@ pub fn active_pods_cached(store: &kube::runtime::reflector::Store<Pod>, node: &s
         .collect()
 }
 
+/// How long, in seconds, the longest-waiting pod a site accepted has gone without starting: from
+/// its `offload.dev/create-sent` time to `now` (0 when every accepted pod has started). A site
+/// whose pods never start (a black hole) shows a value that grows without bound.
+pub fn longest_unstarted(pods: &[Pod], now: jiff::Timestamp) -> i64 {
+    use kube::ResourceExt;
+
+    use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID};
+    pods.iter()
+        .filter(|p| {
+            p.annotations().contains_key(ANNOTATION_REMOTE_ID)
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_none_or(|ph| ph == "Pending")
+        })
+        .filter_map(|p| {
+            p.annotations()
+                .get(ANNOTATION_CREATE_SENT)?
+                .parse::<jiff::Timestamp>()
+                .ok()
+        })
+        .map(|sent| now.duration_since(sent).as_secs().max(0))
+        .max()
+        .unwrap_or(0)
+}
+
 /// What the pod asks for: the larger of its app containers' summed requests and its largest init
 /// container's (as kube-scheduler computes it); one pod.
 pub fn requests(pod: &Pod) -> Resources {
@@ -85,6 +111,8 @@ pub fn total(pods: &[Pod]) -> Resources {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -99,5 +127,33 @@ mod tests {
         assert_eq!(r.gpus.get("nvidia.com/gpu"), Some(&1));
         let t = total(&[pod.clone(), pod]);
         assert_eq!((t.cpu_milli, t.pods), (8000, 2));
+    }
+
+    fn pod(sent: Option<&str>, remote: bool, phase: &str) -> Pod {
+        let mut annotations = serde_json::Map::new();
+        if let Some(t) = sent {
+            annotations.insert("offload.dev/create-sent".into(), json!(t));
+        }
+        if remote {
+            annotations.insert("offload.dev/remote-id".into(), json!("7"));
+        }
+        serde_json::from_value(json!({"metadata": {"name": "p", "annotations": annotations},
+            "spec": {"containers": []}, "status": {"phase": phase}}))
+        .expect("pod")
+    }
+
+    #[test]
+    fn the_longest_unstarted_pod_counts_only_accepted_pods_that_have_not_started() {
+        let now: jiff::Timestamp = "2026-12-03T10:10:00Z".parse().expect("time");
+        let pods = [
+            pod(Some("2026-12-03T10:00:00Z"), true, "Running"),
+            pod(Some("2026-12-03T10:05:00Z"), true, "Pending"),
+            pod(Some("2026-12-03T09:00:00Z"), false, "Pending"),
+            pod(None, true, "Pending"),
+        ];
+        // Only the second: the first runs, the third was never accepted, the fourth has no time.
+        assert_eq!(longest_unstarted(&pods, now), 300);
+        assert_eq!(longest_unstarted(&pods[..1], now), 0);
+        assert_eq!(longest_unstarted(&[], now), 0);
     }
 }

@@ -296,6 +296,7 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
             }
         }
         let status = site.status.clone().unwrap_or_default();
+        let unstarted = super::load::longest_unstarted(&active, jiff::Timestamp::now());
         let slots = site.spec.max_concurrent_pods.map(i64::from).unwrap_or(cap.pods);
         out.push(SiteSnapshot {
             name: name.clone(),
@@ -327,7 +328,9 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
                 status.observed_queue_wait_seconds.map(|s| s as f64),
                 not_started,
                 slots,
-            ),
+            )
+            .max(unstarted),
+            not_starting: unstarted >= i64::from(site.spec.pod_start_timeout_seconds),
         });
     }
     Ok(out)
@@ -369,6 +372,12 @@ fn in_shard(pod: &Pod, sites: &[Arc<OffloadSite>], policies: &[Arc<OffloadPolicy
 /// The named policy (when the pod may use it), else the highest-priority matching one, else the
 /// built-in default (every site, default weights).
 fn choose_policy(pod: &Pod, needs: &PodNeeds, policies: &[Arc<OffloadPolicy>]) -> Result<PolicyView, String> {
+    let requests_mismatch = |p: &OffloadPolicy| {
+        p.spec
+            .pod_requests
+            .as_ref()
+            .and_then(|r| placement::selector::requests_mismatch(r, &needs.requests))
+    };
     let governs = |p: &OffloadPolicy| {
         p.spec
             .namespace_selector
@@ -378,6 +387,7 @@ fn choose_policy(pod: &Pod, needs: &PodNeeds, policies: &[Arc<OffloadPolicy>]) -
                 .pod_selector
                 .as_ref()
                 .is_none_or(|s| placement::selector::matches(s, pod.labels()))
+            && requests_mismatch(p).is_none()
     };
     if let Some(name) = pod.annotations().get(ANNOTATION_POLICY) {
         let Some(p) = policies.iter().find(|p| &p.name_any() == name) else {
@@ -395,6 +405,9 @@ fn choose_policy(pod: &Pod, needs: &PodNeeds, policies: &[Arc<OffloadPolicy>]) -
                 "OffloadPolicy {name:?} does not allow namespace {:?}",
                 needs.namespace
             ));
+        }
+        if let Some(why) = requests_mismatch(p) {
+            return Err(format!("the pod names OffloadPolicy {name:?}, but {why}"));
         }
         return Ok(view(p));
     }

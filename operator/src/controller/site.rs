@@ -60,6 +60,10 @@ pub struct SiteHealth {
     last_probe: Option<(std::time::Instant, Option<String>, Option<i64>)>,
     /// A referenced Secret or ConfigMap changed: probe at the next reconcile, not at the interval.
     refresh: bool,
+    /// Observed create-to-running moving average, in seconds: the execution controller adds
+    /// samples ([`SiteHealth::observe_start`]); the site controller alone writes it into
+    /// `status.observedQueueWaitSeconds`, from where it is read back after a restart.
+    observed_wait: Option<f64>,
 }
 
 impl SiteHealth {
@@ -71,6 +75,20 @@ impl SiteHealth {
     /// Whether the site passes its health check.
     pub fn is_reachable(&self) -> bool {
         self.reachable
+    }
+
+    /// Adds one create-to-running sample to the observed average, continuing from `persisted`
+    /// (the site's status) when this process has none yet. Returns the new average.
+    pub fn observe_start(&mut self, persisted: Option<i64>, sample_seconds: f64) -> f64 {
+        let previous = self.observed_wait.or(persisted.map(|s| s as f64));
+        let avg = crate::placement::queue::observe(previous, sample_seconds);
+        self.observed_wait = Some(avg);
+        avg
+    }
+
+    /// The observed average to report: this process's, else the persisted one.
+    pub fn observed_wait(&self, persisted: Option<i64>) -> Option<i64> {
+        self.observed_wait.map(|a| a.round() as i64).or(persisted)
     }
 }
 
@@ -366,7 +384,26 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
         generation,
         &now,
     );
+    let (starting, sr, sm) = pods_starting(
+        super::load::longest_unstarted(&active, now.0),
+        site.spec.pod_start_timeout_seconds,
+    );
+    set_condition(
+        &mut new.conditions,
+        "PodsStarting",
+        starting,
+        sr,
+        &sm,
+        generation,
+        &now,
+    );
     new.observed_generation = generation;
+    new.observed_queue_wait_seconds = {
+        let sites = ctx.sites.lock().unwrap_or_else(|p| p.into_inner());
+        sites.get(&name).map_or(old.observed_queue_wait_seconds, |h| {
+            h.observed_wait(old.observed_queue_wait_seconds)
+        })
+    };
     new.active_pods = Some(active.len() as i32);
     new.allocated = Some(allocated);
     new.free = Some(free);
@@ -388,6 +425,14 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     }
 
     // Events on transitions.
+    let was_starting = old
+        .conditions
+        .iter()
+        .all(|c| c.type_ != "PodsStarting" || c.status == "True");
+    if !starting && was_starting {
+        let reference = site.object_ref(&());
+        publish(&ctx.recorder, &reference, EventType::Warning, sr, &sm).await;
+    }
     let was_ready = is_true(&old.conditions, "Ready");
     let was_creds = old
         .conditions
@@ -478,6 +523,28 @@ async fn probe(site: &OffloadSite, ctx: &Context) -> Probe {
             reason: e.reason().into(),
             message: e.to_string(),
         },
+    }
+}
+
+/// The `PodsStarting` condition (status, reason, message) from the longest wait of an accepted pod
+/// that has not started and the site's `podStartTimeoutSeconds`. The message stays the same while
+/// the state does, so the status is not rewritten every probe.
+fn pods_starting(longest_unstarted: i64, timeout_seconds: i32) -> (bool, &'static str, String) {
+    if longest_unstarted < i64::from(timeout_seconds) {
+        (
+            true,
+            "PodsStart",
+            format!("no accepted pod has waited more than {timeout_seconds}s to start"),
+        )
+    } else {
+        (
+            false,
+            "PodsNotStarting",
+            format!(
+                "a pod the site accepted more than {timeout_seconds}s ago (podStartTimeoutSeconds) has not started; \
+                 no new pods are placed here until its pods start or are deleted"
+            ),
+        )
     }
 }
 
@@ -618,6 +685,39 @@ pub type Endpoint = KubeletEndpoint;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn observed_queue_wait_continues_from_the_persisted_value_after_a_restart() {
+        let mut h = SiteHealth::default();
+        assert_eq!(
+            h.observed_wait(Some(300)),
+            Some(300),
+            "the persisted value before any sample"
+        );
+        assert_eq!(h.observed_wait(None), None);
+        // 300 s persisted, a new sample of 100 s: the average moves from 300, not from 100.
+        assert_eq!(h.observe_start(Some(300), 100.0), 260.0);
+        assert_eq!(
+            h.observed_wait(Some(999)),
+            Some(260),
+            "this process's own value wins"
+        );
+        assert_eq!(h.observe_start(None, 260.0), 260.0);
+    }
+
+    #[test]
+    fn pods_starting_turns_false_past_the_timeout_and_back() {
+        assert!(pods_starting(0, 600).0);
+        assert!(pods_starting(599, 600).0);
+        let (ok, reason, message) = pods_starting(600, 600);
+        assert!(!ok);
+        assert_eq!(reason, "PodsNotStarting");
+        assert_eq!(
+            message,
+            pods_starting(9000, 600).2,
+            "a stable message: no rewrite every probe"
+        );
+    }
 
     #[test]
     fn status_is_rewritten_only_on_change_or_when_stale() {

@@ -45,6 +45,12 @@ pub struct OffloadPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
 
+    /// Pods this policy governs by what they request (GPUs or none, named resources), so a "GPU
+    /// pods" or "CPU-only pods" policy needs no labels on the pods. A pod that names this policy
+    /// in `offload.dev/policy` but does not match is not placed (its condition says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_requests: Option<PodRequestSelector>,
+
     /// Among policies that match a pod, the highest priority governs it (ties: by name). A pod can
     /// also name its policy with the `offload.dev/policy` annotation.
     #[serde(default)]
@@ -153,6 +159,32 @@ fn default_capacity_weight() -> i32 {
 }
 fn default_gpu_weight() -> i32 {
     10
+}
+
+/// Which pods a policy governs, by their resource requests. Every set field must match.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRequestSelector {
+    /// `Required`: only pods that request a GPU (a resource whose name contains `gpu`, such as
+    /// `nvidia.com/gpu` or `amd.com/gpu`); `None`: only pods that request no GPU; `Any` (default).
+    #[serde(default)]
+    pub gpus: GpuRequest,
+    /// Only pods that request every one of these resources (e.g. `example.com/fpga`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), extend("items" = {"type": "string", "minLength": 1, "maxLength": 253}, "x-kubernetes-list-type" = "set"))]
+    pub resource_names: Vec<String>,
+}
+
+/// Whether a policy governs pods that request GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum GpuRequest {
+    /// Pods with or without GPUs.
+    #[default]
+    Any,
+    /// Only pods that request at least one GPU.
+    Required,
+    /// Only pods that request no GPU.
+    None,
 }
 
 /// How a site is picked among those that pass the filters.

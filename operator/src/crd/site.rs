@@ -118,6 +118,14 @@ pub struct OffloadSiteSpec {
     #[serde(default)]
     pub health_check: HealthCheck,
 
+    /// Seconds a pod the site accepted may go without starting. Past that the site is taken for
+    /// one that does not start pods (a black hole): condition `PodsStarting=False`, and no new pods
+    /// are placed there until its pods start or are deleted. Before that, the longest wait of an
+    /// unstarted pod already counts as the site's expected queue wait.
+    #[serde(default = "default_pod_start_timeout")]
+    #[schemars(range(min = 5, max = 2_592_000))]
+    pub pod_start_timeout_seconds: i32,
+
     /// Seconds between two status requests for all of the site's pods.
     #[serde(default = "default_sync_interval")]
     #[schemars(range(min = 1, max = 3600))]
@@ -134,6 +142,10 @@ pub struct OffloadSiteSpec {
 
 fn default_cost() -> f64 {
     100.0
+}
+
+fn default_pod_start_timeout() -> i32 {
+    3600
 }
 
 fn default_sync_interval() -> i32 {

@@ -87,6 +87,9 @@ pub(crate) fn filters(
     if site.cordoned {
         out.push(Rejection::Cordoned);
     }
+    if site.not_starting {
+        out.push(Rejection::PodsNotStarting);
+    }
     if !selector::matches(&site.namespace_selector, &pod.namespace_labels) {
         out.push(Rejection::NamespaceNotAllowed);
     }

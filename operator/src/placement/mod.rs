@@ -87,8 +87,11 @@ pub struct SiteSnapshot {
     pub free: Resources,
     /// GPU types offered.
     pub gpus: Vec<GpuOffer>,
-    /// Expected queue wait before a new pod starts, in seconds (see [`queue::expected_wait`]).
+    /// Expected queue wait before a new pod starts, in seconds (see [`queue::expected_wait`]),
+    /// at least as long as the longest wait of a pod there that has not started.
     pub expected_wait_seconds: i64,
+    /// A pod the site accepted has gone without starting past `podStartTimeoutSeconds`.
+    pub not_starting: bool,
 }
 
 /// A `relativeCost` in thousandths, as the engine compares costs. The CRD bounds it to
@@ -177,6 +180,8 @@ pub enum Rejection {
         /// The limit.
         limit: i64,
     },
+    /// A pod the site accepted has not started within `podStartTimeoutSeconds` (a black hole).
+    PodsNotStarting,
     /// Feasible, but the ordered-fallback strategy took an earlier site.
     LaterInOrder,
 }
@@ -207,6 +212,7 @@ impl std::fmt::Display for Rejection {
                 write!(f, "expected queue wait {expected}s exceeds {max}s")
             }
             Rejection::ConcurrencyLimit { limit } => write!(f, "at its limit of {limit} concurrent pods"),
+            Rejection::PodsNotStarting => write!(f, "accepted pods are not starting there"),
             Rejection::LaterInOrder => write!(f, "an earlier site in the policy's order fits"),
         }
     }

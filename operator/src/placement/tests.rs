@@ -39,6 +39,7 @@ fn site(name: &str) -> SiteSnapshot {
         free: res(100, 400, 100, &[]),
         gpus: Vec::new(),
         expected_wait_seconds: 0,
+        not_starting: false,
     }
 }
 
@@ -417,6 +418,20 @@ fn a_rejected_site_lists_every_failing_filter() {
     // A site the pod may not go to at all says only that.
     let d = place(&pod(2, 1, 0), &pol, std::slice::from_ref(&s), &["s".into()]);
     assert_eq!(d.rejected["s"].0, vec![Rejection::Excluded]);
+}
+
+#[test]
+fn a_site_whose_accepted_pods_do_not_start_gets_no_new_pods() {
+    let mut hole = site("hole");
+    hole.relative_cost = 1;
+    hole.not_starting = true;
+    let d = place(&pod(1, 1, 0), &policy(), &[hole.clone(), site("other")], &[]);
+    assert_eq!(d.chosen.as_deref(), Some("other"));
+    assert_eq!(d.rejected["hole"].0, vec![Rejection::PodsNotStarting]);
+    // Pods start again there: it is a candidate again, and the cheaper one.
+    hole.not_starting = false;
+    let d = place(&pod(1, 1, 0), &policy(), &[hole, site("other")], &[]);
+    assert_eq!(d.chosen.as_deref(), Some("hole"));
 }
 
 #[test]
