@@ -51,10 +51,13 @@ struct Ctx {
     /// Per site, statuses written that the watch cache may not show yet (compared instead of a
     /// stale copy).
     written: Mutex<HashMap<String, WrittenStatuses>>,
-    /// Per site, the finished pods with a remote job seen at the last sync, by UID. The API server
-    /// deletes a finished pod at once (no deletionTimestamp, so no reconcile sees it go): a pod
-    /// that has left the cache since is deleted at its site from this copy.
-    finished: Mutex<HashMap<String, HashMap<String, Arc<Pod>>>>,
+    /// Per site, the pods with a remote job seen at the last sync, by UID. The API server deletes
+    /// a finished pod at once, and `kubectl delete --force` any pod (no deletionTimestamp, so no
+    /// reconcile sees it go): a pod that has left the cache since is deleted at its site from
+    /// this copy.
+    tracked: Mutex<HashMap<String, HashMap<String, Arc<Pod>>>>,
+    /// Per site, UIDs `delete` already deleted there (the sweep skips them).
+    deleted_at_site: Mutex<HashMap<String, std::collections::HashSet<String>>>,
 }
 
 /// A pod the site's answers have left out this many times in a row, over at least this long, is
@@ -101,7 +104,8 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
         created: Mutex::default(),
         missing: Mutex::default(),
         written: Mutex::default(),
-        finished: Mutex::default(),
+        tracked: Mutex::default(),
+        deleted_at_site: Mutex::default(),
     });
     tokio::spawn(sync_forever(ctx.clone()));
     controller
@@ -275,6 +279,14 @@ async fn delete(ctx: &Ctx, pod: &Pod, site: &str, pods: &Api<Pod>) -> Result<Act
         };
         if at_site && !delete_at_site(ctx, pod, site, &client).await {
             return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        if at_site {
+            ctx.deleted_at_site
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(site.to_string())
+                .or_default()
+                .extend(pod.uid());
         }
     }
     match pods
@@ -587,7 +599,7 @@ async fn sync_forever(ctx: Arc<Ctx>) {
             let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
             tokio::spawn(async move {
                 let sync = async {
-                    sweep_finished(&ctx, &site).await;
+                    sweep_gone(&ctx, &site).await;
                     sync_site(&ctx, &site).await
                 };
                 match tokio::time::timeout(SYNC_DEADLINE, sync).await {
@@ -603,34 +615,41 @@ async fn sync_forever(ctx: Arc<Ctx>) {
     }
 }
 
-/// Finished pods of the site, with a remote job and no deletion in progress (those go through
-/// `delete`), by UID.
-fn finished_at(pods: &Store<Pod>, node: &str) -> HashMap<String, Arc<Pod>> {
+/// Pods of the site with a remote job and no deletion in progress (those go through `delete`),
+/// by UID.
+fn recorded_at(pods: &Store<Pod>, node: &str) -> HashMap<String, Arc<Pod>> {
     pods.state()
         .into_iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .filter(|p| {
-            terminal(p)
-                && p.metadata.deletion_timestamp.is_none()
-                && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
+            p.metadata.deletion_timestamp.is_none() && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
         })
         .filter_map(|p| Some((p.uid()?, p)))
         .collect()
 }
 
-/// Deletes at the site the finished pods that have left the cluster since the last sync: their
-/// job, state and logs would stay at the site forever otherwise.
-async fn sweep_finished(ctx: &Ctx, site: &OffloadSite) {
+/// Deletes at the site the pods that have left the cluster since the last sync without going
+/// through `delete` (finished pods, which the API server deletes at once; force-deleted pods):
+/// their jobs, state and logs would stay at the site forever otherwise.
+async fn sweep_gone(ctx: &Ctx, site: &OffloadSite) {
     let name = site.name_any();
-    let now = finished_at(&ctx.pods, &node_name(&name));
+    let now = recorded_at(&ctx.pods, &node_name(&name));
     let gone: Vec<Arc<Pod>> = {
-        let mut finished = ctx.finished.lock().unwrap_or_else(|p| p.into_inner());
-        let before = finished.insert(name.clone(), now.clone()).unwrap_or_default();
-        before
+        let mut tracked = ctx.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let before = tracked.insert(name.clone(), now.clone()).unwrap_or_default();
+        let mut all = ctx.deleted_at_site.lock().unwrap_or_else(|p| p.into_inner());
+        let deleted = all.entry(name.clone()).or_default();
+        let gone: Vec<Arc<Pod>> = before
             .into_iter()
             .filter(|(uid, _)| !now.contains_key(uid))
+            .filter(|(uid, _)| !deleted.contains(uid))
             .map(|(_, p)| p)
-            .collect()
+            .collect();
+        // What `delete` handled is forgotten once the pod has left the cache.
+        let cached: std::collections::HashSet<String> =
+            ctx.pods.state().iter().filter_map(|p| p.uid()).collect();
+        deleted.retain(|uid| cached.contains(uid));
+        gone
     };
     if gone.is_empty() {
         return;
@@ -638,8 +657,9 @@ async fn sweep_finished(ctx: &Ctx, site: &OffloadSite) {
     let Some((client, _)) = site_client(&ctx.clients, &name) else {
         return;
     };
+    tracing::debug!(site = %name, pods = gone.len(), "pods left the cluster without a deletion: deleting them at the site");
     for pod in gone {
-        // Still in the cache under another form (deleting, or running again): not gone.
+        // Still in the cache (being deleted: `delete` handles it): not gone.
         let uid = pod.uid().unwrap_or_default();
         if ctx
             .pods
@@ -651,7 +671,7 @@ async fn sweep_finished(ctx: &Ctx, site: &OffloadSite) {
         }
         if !delete_at_site(ctx, &pod, &name, &client).await {
             // The site still has it: keep it for the next sweep.
-            ctx.finished
+            ctx.tracked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(name.clone())
