@@ -126,6 +126,15 @@ async fn pods_go_to_the_best_site_and_explain_why() {
             })
             .await?;
             ensure!(p.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            // The GPU policy lists only the sites with an allowed GPU model (not the HTC site).
+            let mut want = vec![cloud.clone(), hpc.clone()];
+            want.sort();
+            wait::until("the GPU policy's eligible sites", TIMEOUT, || async {
+                let p = policies.get(&gpu_pol).await.map_err(|e| e.to_string())?;
+                let got = p.status.map(|s| s.eligible_sites).unwrap_or_default();
+                if got == want { Ok(Some(())) } else { Err(format!("{got:?}")) }
+            })
+            .await?;
 
             // 1. Not allowed on HPC (namespace unlabelled), the GPU pod goes to the cloud site.
             pods.create(&pp, &pod("gpu-1", &gpu_pol, "2", 1)?).await?;

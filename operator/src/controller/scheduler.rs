@@ -556,6 +556,14 @@ async fn update_policy_status(client: &Client, policies: &[Arc<OffloadPolicy>], 
     let now = Time(jiff::Timestamp::now());
     for p in policies {
         let view = view(p);
+        // A policy about GPU pods: a site without an allowed GPU model can never take its pods.
+        let gpu_policy = p
+            .spec
+            .pod_requests
+            .as_ref()
+            .is_some_and(|r| r.gpus == crate::crd::policy::GpuRequest::Required)
+            || !p.spec.requirements.gpu_models.is_empty()
+            || p.spec.requirements.min_gpu_memory.is_some();
         let probe = PodNeeds {
             requests: Resources::default(),
             ..Default::default()
@@ -574,6 +582,7 @@ async fn update_policy_status(client: &Client, policies: &[Arc<OffloadPolicy>], 
                 placement::place(&probe, &view, std::slice::from_ref(&s), &[])
                     .chosen
                     .is_some()
+                    && (!gpu_policy || placement::offers_allowed_gpu(&view, &s))
             })
             .map(|s| s.name.clone())
             .collect();

@@ -103,6 +103,18 @@ pub fn cost_milli(relative_cost: f64) -> i64 {
     (relative_cost.clamp(0.0, 1_000_000.0) * 1000.0).round() as i64
 }
 
+/// Whether the site offers a GPU model the policy allows (`gpuModels`), with at least
+/// `minGpuMemory` per GPU: a policy about GPU pods lists only such sites as eligible.
+pub fn offers_allowed_gpu(policy: &PolicyView, site: &SiteSnapshot) -> bool {
+    site.gpus.iter().any(|g| {
+        let models = &policy.requirements.gpu_models;
+        (models.is_empty() || models.iter().any(|m| m.eq_ignore_ascii_case(&g.model)))
+            && policy
+                .min_gpu_memory_bytes
+                .is_none_or(|min| g.memory_bytes.is_some_and(|m| m >= min))
+    })
+}
+
 impl SiteSnapshot {
     /// Pods the policy `policy` has at the site.
     pub fn policy_pods(&self, policy: &str) -> i64 {

@@ -435,6 +435,20 @@ fn a_site_whose_accepted_pods_do_not_start_gets_no_new_pods() {
 }
 
 #[test]
+fn only_sites_with_an_allowed_gpu_model_suit_a_gpu_policy() {
+    let mut pol = policy();
+    pol.requirements.gpu_models = vec!["a100".into()];
+    assert!(offers_allowed_gpu(&pol, &gpu_site("hpc", "A100", 8, 80)));
+    assert!(!offers_allowed_gpu(&pol, &gpu_site("cloud", "T4", 8, 16)));
+    assert!(!offers_allowed_gpu(&pol, &site("cpu")));
+    pol.min_gpu_memory_bytes = Some(100 << 30);
+    assert!(
+        !offers_allowed_gpu(&pol, &gpu_site("hpc", "A100", 8, 80)),
+        "80 GiB < 100 GiB"
+    );
+}
+
+#[test]
 fn spread_ignores_other_policies_pods() {
     let pol = PolicyView {
         strategy: Strategy::Spread,
