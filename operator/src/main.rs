@@ -204,10 +204,11 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         metrics.clone(),
         clients.clone(),
         settings.site_selector.clone(),
+        health.heartbeat("status-sync"),
     );
     let jobs = controller::remote_job::run(client.clone(), metrics.clone(), settings.site_selector.clone());
     tokio::select! {
-        _ = controller::site::run(client, metrics, settings, clients, move || health.set_ready()) => {}
+        _ = controller::site::run(client, metrics, settings, clients, health.heartbeat("node-leases"), move || health.set_ready()) => {}
         _ = jobs => {}
         _ = scheduler => {}
         _ = execution => {}
@@ -278,13 +279,13 @@ async fn explain(
     }
     if !decision.ranking.is_empty() {
         println!(
-            "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6}",
-            "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU"
+            "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
+            "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU", "WAIT(s)"
         );
         for r in &decision.ranking {
             println!(
-                "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6}",
-                r.site, r.score, r.queue, r.cost, r.free_capacity, r.gpu_fit
+                "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
+                r.site, r.score, r.queue, r.cost, r.free_capacity, r.gpu_fit, r.expected_wait_seconds
             );
         }
     }

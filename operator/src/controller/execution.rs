@@ -71,7 +71,13 @@ fn is_lost(answers: u32, since: Duration) -> bool {
 }
 
 /// Runs the execution controller and the per-site status sync until the process ends.
-pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_selector: Option<String>) {
+pub async fn run(
+    client: Client,
+    metrics: Metrics,
+    clients: SiteClients,
+    site_selector: Option<String>,
+    heartbeat: crate::server::Heartbeat,
+) {
     let mut cfg = watcher::Config::default().any_semantic();
     if let Some(s) = &site_selector {
         cfg = cfg.labels(s);
@@ -107,7 +113,7 @@ pub async fn run(client: Client, metrics: Metrics, clients: SiteClients, site_se
         tracked: Mutex::default(),
         deleted_at_site: Mutex::default(),
     });
-    tokio::spawn(sync_forever(ctx.clone()));
+    tokio::spawn(sync_forever(ctx.clone(), heartbeat));
     controller
         .shutdown_on_signal()
         .run(reconcile, |_, _, _| Action::requeue(Duration::from_secs(5)), ctx)
@@ -575,13 +581,14 @@ const SYNC_DEADLINE: Duration = Duration::from_secs(60);
 /// Every second, the sites whose sync interval has passed get one status request for all their
 /// active pods. Each site syncs in its own task, so a site that hangs delays no other site; a
 /// site whose previous sync is still running is skipped until it ends.
-async fn sync_forever(ctx: Arc<Ctx>) {
+async fn sync_forever(ctx: Arc<Ctx>, heartbeat: crate::server::Heartbeat) {
     let mut last: HashMap<String, Instant> = HashMap::new();
     let in_flight: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        heartbeat.beat();
         for site in ctx.sites.state() {
             let name = site.name_any();
             let every = Duration::from_secs(site.spec.status_sync_interval_seconds.max(1) as u64);

@@ -20,10 +20,17 @@ use crate::crd::OffloadSite;
 /// (default 10 s, as a kubelet).
 pub const DURATION_SECONDS: i32 = 40;
 
-/// Renews the leases of every site in the store every `every`, forever.
-pub async fn renew_forever(client: Client, sites: Store<OffloadSite>, every: Duration) {
+/// Renews the leases of every site in the store every `every`, forever; beats `heartbeat` once
+/// per round (a renewer that hangs makes `/healthz` fail before the leases expire for long).
+pub async fn renew_forever(
+    client: Client,
+    sites: Store<OffloadSite>,
+    every: Duration,
+    heartbeat: crate::server::Heartbeat,
+) {
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     loop {
+        heartbeat.beat();
         for site in sites.state() {
             if site.metadata.deletion_timestamp.is_some() {
                 continue;

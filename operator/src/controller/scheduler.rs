@@ -323,13 +323,16 @@ async fn snapshot(client: &Client, sites: &[Arc<OffloadSite>]) -> Result<Vec<Sit
                     memory_bytes: g.memory_per_gpu.as_ref().map(|q| crate::quantity::int(&q.0)),
                 })
                 .collect(),
-            expected_wait_seconds: queue::expected_wait(
-                site.spec.typical_queue_wait_seconds.map(i64::from),
-                status.observed_queue_wait_seconds.map(|s| s as f64),
-                not_started,
-                slots,
-            )
-            .max(unstarted),
+            expected_wait_seconds: queue::with_unstarted(
+                queue::expected_wait(
+                    site.spec.typical_queue_wait_seconds.map(i64::from),
+                    status.observed_queue_wait_seconds.map(|s| s as f64),
+                    not_started,
+                    slots,
+                ),
+                unstarted,
+                i64::from(site.spec.status_sync_interval_seconds),
+            ),
             not_starting: unstarted >= i64::from(site.spec.pod_start_timeout_seconds),
         });
     }

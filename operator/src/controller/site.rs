@@ -111,6 +111,7 @@ pub async fn run(
     metrics: Metrics,
     settings: Settings,
     clients: super::SiteClients,
+    leases_heartbeat: crate::server::Heartbeat,
     ready: impl Fn() + Send + 'static,
 ) {
     let sites: Api<OffloadSite> = Api::all(client.clone());
@@ -139,6 +140,7 @@ pub async fn run(
         client.clone(),
         store.clone(),
         ctx.settings.lease_renew,
+        leases_heartbeat,
     ));
     let (s1, s2) = (store.clone(), store.clone());
     let health = ctx.sites.clone();

@@ -196,6 +196,7 @@ fn score<'a>(
                     cost,
                     free_capacity,
                     gpu_fit,
+                    expected_wait_seconds: s.expected_wait_seconds,
                 },
                 *s,
             )

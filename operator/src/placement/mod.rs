@@ -246,6 +246,9 @@ pub struct Ranked {
     pub free_capacity: i64,
     /// GPU fit (1000 = least waste).
     pub gpu_fit: i64,
+    /// The expected queue wait the queue score was computed from, in seconds.
+    #[serde(default)]
+    pub expected_wait_seconds: i64,
 }
 
 /// The engine's answer.

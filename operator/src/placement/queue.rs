@@ -26,9 +26,29 @@ pub fn expected_wait(declared: Option<i64>, observed: Option<f64>, pending: i64,
     (base + backlog).round() as i64
 }
 
+/// The expected wait, raised to what the longest-waiting unstarted pod at the site already shows:
+/// its wait so far, less `status_lag` (a pod that started within the last status-sync interval
+/// still looks unstarted, and must not count against the site). A site whose pods never start
+/// (a black hole) sees this grow without bound.
+pub fn with_unstarted(expected: i64, longest_unstarted: i64, status_lag: i64) -> i64 {
+    expected.max(longest_unstarted - status_lag.max(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unstarted_pod_raises_the_expected_wait_beyond_the_status_lag() {
+        assert_eq!(with_unstarted(30, 0, 5), 30);
+        assert_eq!(
+            with_unstarted(30, 6, 5),
+            30,
+            "a pod that may have started meanwhile"
+        );
+        assert_eq!(with_unstarted(3, 6, 5), 3);
+        assert_eq!(with_unstarted(30, 605, 5), 600, "a pod stuck for ten minutes");
+    }
 
     #[test]
     fn moving_average() {
