@@ -646,15 +646,16 @@ async fn sweep_gone(ctx: &Ctx, site: &OffloadSite) {
         let before = tracked.insert(name.clone(), now.clone()).unwrap_or_default();
         let mut all = ctx.deleted_at_site.lock().unwrap_or_else(|p| p.into_inner());
         let deleted = all.entry(name.clone()).or_default();
+        let cached: std::collections::HashSet<String> =
+            ctx.pods.state().iter().filter_map(|p| p.uid()).collect();
+        // Gone: no longer in the cache at all (a pod still there is being deleted: `delete`
+        // handles it), and not already deleted at the site by `delete`.
         let gone: Vec<Arc<Pod>> = before
             .into_iter()
-            .filter(|(uid, _)| !now.contains_key(uid))
-            .filter(|(uid, _)| !deleted.contains(uid))
+            .filter(|(uid, _)| !cached.contains(uid) && !deleted.contains(uid))
             .map(|(_, p)| p)
             .collect();
         // What `delete` handled is forgotten once the pod has left the cache.
-        let cached: std::collections::HashSet<String> =
-            ctx.pods.state().iter().filter_map(|p| p.uid()).collect();
         deleted.retain(|uid| cached.contains(uid));
         gone
     };
@@ -666,16 +667,7 @@ async fn sweep_gone(ctx: &Ctx, site: &OffloadSite) {
     };
     tracing::debug!(site = %name, pods = gone.len(), "pods left the cluster without a deletion: deleting them at the site");
     for pod in gone {
-        // Still in the cache (being deleted: `delete` handles it): not gone.
         let uid = pod.uid().unwrap_or_default();
-        if ctx
-            .pods
-            .state()
-            .iter()
-            .any(|p| p.uid().as_deref() == Some(uid.as_str()))
-        {
-            continue;
-        }
         if !delete_at_site(ctx, &pod, &name, &client).await {
             // The site still has it: keep it for the next sweep.
             ctx.tracked

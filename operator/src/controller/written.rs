@@ -78,11 +78,6 @@ impl WrittenStatuses {
         self.by_uid.retain(|uid, _| keep.contains(uid));
     }
 
-    /// Pods remembered.
-    pub fn len(&self) -> usize {
-        self.by_uid.len()
-    }
-
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.by_uid.is_empty()
