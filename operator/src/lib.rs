@@ -4,6 +4,8 @@
 //! The crate is split by job (see `docs/architecture.md`): the binary in `main.rs` only parses the
 //! command line and wires modules together.
 
+pub mod cache;
+pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod interlink;

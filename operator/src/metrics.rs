@@ -17,6 +17,9 @@ pub struct Metrics {
     pub site_requests: IntCounterVec,
     /// Reconciliations by controller and result.
     pub reconciles: IntCounterVec,
+    /// Failed reconciliations by controller and error category (`transient`, `site_refused`,
+    /// `invalid_spec`, `internal`).
+    pub reconcile_errors: IntCounterVec,
     /// Placement decisions by policy, site and outcome (`scheduled`, `unschedulable`, `refused`).
     pub placements: IntCounterVec,
     /// Time to decide one pod's placement.
@@ -73,6 +76,13 @@ impl Metrics {
                 "Reconciliations, by controller and result",
             ),
             &["controller", "result"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "offload_reconcile_errors_total",
+                "Failed reconciliations, by controller and error category",
+            ),
+            &["controller", "category"],
         )?;
         let placements = IntCounterVec::new(
             Opts::new(
@@ -164,12 +174,14 @@ impl Metrics {
         registry.register(Box::new(probe_latency.clone()))?;
         registry.register(Box::new(site_requests.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
         Ok(Metrics {
             registry,
             site_up,
             probe_latency,
             site_requests,
             reconciles,
+            reconcile_errors,
             placements,
             placement_duration,
             pending_pods,

@@ -1,37 +1,32 @@
 //! Renews each virtual Node's Lease in `kube-node-lease`, as a kubelet does, so the node lifecycle
 //! controller keeps the Node Ready (and never evicts its pods) while the operator runs.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
 use kube::{
-    Api, Client,
+    Api,
     api::{Patch, PatchParams},
-    runtime::reflector::Store,
 };
 
-use super::node::node_name;
-use crate::crd::OffloadSite;
+use super::{Context, node::node_name};
 
 /// Seconds a lease is valid (as a kubelet's); it is renewed every `--node-lease-renew-seconds`
 /// (default 10 s, as a kubelet).
 pub const DURATION_SECONDS: i32 = 40;
 
-/// Renews the leases of every site in the store every `every`, forever; beats `heartbeat` once
-/// per round (a renewer that hangs makes `/healthz` fail before the leases expire for long).
-pub async fn renew_forever(
-    client: Client,
-    sites: Store<OffloadSite>,
-    every: Duration,
-    heartbeat: crate::server::Heartbeat,
-) {
-    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+/// Renews the leases of every site in the cache every `--node-lease-renew-seconds`, forever;
+/// beats the `node-leases` heartbeat once per round (a renewer that hangs makes `/healthz` fail
+/// before the leases expire for long).
+pub async fn renew_forever(ctx: Arc<Context>) {
+    let heartbeat = ctx.health.heartbeat("node-leases");
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), "kube-node-lease");
     loop {
         heartbeat.beat();
-        for site in sites.state() {
+        for site in ctx.sites.store().state() {
             if site.metadata.deletion_timestamp.is_some() {
                 continue;
             }
@@ -40,7 +35,7 @@ pub async fn renew_forever(
                 tracing::warn!(node = %name, error = %e, "cannot renew the node lease");
             }
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(ctx.settings.lease_renew).await;
     }
 }
 

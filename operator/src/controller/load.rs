@@ -22,16 +22,20 @@ pub async fn active_pods(client: &Client, node: &str) -> Result<Vec<Pod>, kube::
     Ok(bound.items.into_iter().filter(|p| !is_finished(p)).collect())
 }
 
-/// Pods bound to `node` that have not finished, from a cache of pods (no API call: for loops that
+/// Pods bound to `node` that have not finished, from the pod cache (no API call: for loops that
 /// run every second).
 pub fn active_pods_cached(store: &kube::runtime::reflector::Store<Pod>, node: &str) -> Vec<Pod> {
     store
         .state()
         .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-        .filter(|p| !is_finished(p))
+        .filter(|p| bound_to(p, node) && !is_finished(p))
         .map(|p| Pod::clone(p))
         .collect()
+}
+
+/// Whether the pod is bound to `node`.
+pub fn bound_to(pod: &Pod, node: &str) -> bool {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
 }
 
 /// How long, in seconds, the longest-waiting pod a site accepted has gone without starting: from
@@ -96,17 +100,8 @@ pub fn requests(pod: &Pod) -> Resources {
 
 /// The summed requests of `pods`.
 pub fn total(pods: &[Pod]) -> Resources {
-    let mut sum = Resources::default();
-    for p in pods {
-        let r = requests(p);
-        sum.cpu_milli += r.cpu_milli;
-        sum.memory_bytes += r.memory_bytes;
-        sum.pods += r.pods;
-        for (g, n) in r.gpus {
-            *sum.gpus.entry(g).or_default() += n;
-        }
-    }
-    sum
+    let each: Vec<Resources> = pods.iter().map(requests).collect();
+    Resources::sum(&each)
 }
 
 #[cfg(test)]

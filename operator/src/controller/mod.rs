@@ -1,6 +1,17 @@
-//! Controllers: each observes, decides with pure functions, acts, and reports.
+//! Controllers: each observes (the shared caches of [`Context`]), decides with pure functions,
+//! acts, and reports. [`run`] starts them all on one context.
+//!
+//! | controller | triggered by | pure decision |
+//! |---|---|---|
+//! | [`site`] | OffloadSites, their Nodes, credential Secrets/ConfigMaps | [`site::assess`], [`site::status`] |
+//! | [`execution`] | pods bound to site Nodes | [`execution::decide`] |
+//! | [`scheduler`] | any cache change, every few seconds | [`crate::placement`], [`scheduler::snapshot`] |
+//! | [`remote_job`] | RemoteJobs and their pods | [`remote_job::plan`] |
 
+pub mod backoff;
+pub mod context;
 pub mod credentials;
+pub mod events;
 pub mod execution;
 pub mod lease;
 pub mod load;
@@ -16,11 +27,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use kube::{Client, runtime::events::Recorder};
+use self::backoff::Category;
+pub use self::context::{Context, Settings};
 
-use crate::metrics::Metrics;
-
-/// Why a reconciliation failed (it is retried).
+/// Why a reconciliation failed (it is retried, with a backoff by [`Category`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Kubernetes API call failed.
@@ -32,34 +42,69 @@ pub enum Error {
     /// A deleted site still has pods; they are being deleted first.
     #[error("waiting for {0} pod(s) on the site's node to be deleted")]
     Draining(usize),
+    /// A site could not be reached or answered with an error worth retrying.
+    #[error("site {site}: {source}")]
+    Site {
+        /// The site.
+        site: String,
+        /// What it answered.
+        #[source]
+        source: crate::interlink::Error,
+    },
+    /// An attempt pod's name is taken by a pod another object owns.
+    #[error("pod {0} exists and does not belong to this RemoteJob")]
+    NameTaken(String),
+    /// The object refers to something that does not exist or is not allowed.
+    #[error("{0}")]
+    Invalid(String),
 }
 
-/// Settings of the `run` command the controllers need.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// The operator's namespace: where site credentials are read.
-    pub namespace: String,
-    /// Address and port written into each virtual Node for the kubelet API.
-    pub kubelet: node::KubeletEndpoint,
-    /// Only sites with these labels (a label selector), for sharding or tests.
-    pub site_selector: Option<String>,
-    /// How often node leases are renewed; must be well below kube-controller-manager's
-    /// `--node-monitor-grace-period`.
-    pub lease_renew: std::time::Duration,
+impl Error {
+    /// The category that decides the retry delay.
+    pub fn category(&self) -> Category {
+        match self {
+            Error::Kube(e) => Category::of_kube(e),
+            Error::Finalizer(inner) => match &**inner {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                kube::runtime::finalizer::Error::AddFinalizer(e)
+                | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Category::of_kube(e),
+                _ => Category::Internal,
+            },
+            Error::Draining(_) => Category::Transient,
+            Error::Site { source, .. } if source.is_retryable() => Category::Transient,
+            Error::Site { .. } => Category::SiteRefused,
+            Error::NameTaken(_) | Error::Invalid(_) => Category::InvalidSpec,
+        }
+    }
 }
 
-/// What every reconciliation shares.
-pub struct Context {
-    /// Kubernetes client.
-    pub client: Client,
-    /// Event recorder.
-    pub recorder: Recorder,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Settings.
-    pub settings: Settings,
-    /// Per-site health and client, kept between probes (shared with the execution controller).
-    pub sites: SiteClients,
+/// Logs and counts a failed reconcile of `key` by `controller`, and returns when to retry it.
+pub(crate) fn on_error(
+    ctx: &Context,
+    backoff: &backoff::Backoff,
+    controller: &'static str,
+    key: &str,
+    err: &Error,
+) -> kube::runtime::controller::Action {
+    let category = err.category();
+    let delay = backoff.failed(key, category);
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[controller, category.as_str()])
+        .inc();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[controller, "error"])
+        .inc();
+    if matches!(err, Error::Draining(_))
+        || matches!(err, Error::Finalizer(i) if matches!(**i, kube::runtime::finalizer::Error::CleanupFailed(Error::Draining(_))))
+    {
+        tracing::info!(controller, object = key, retry_in = ?delay, "{err}");
+    } else {
+        tracing::warn!(controller, object = key, category = category.as_str(), retry_in = ?delay, error = %err, "reconcile failed");
+    }
+    kube::runtime::controller::Action::requeue(delay)
 }
 
 /// Each site's client and health, built by the site controller and used by the others.
@@ -72,24 +117,24 @@ pub fn site_client(clients: &SiteClients, site: &str) -> Option<(crate::interlin
         .and_then(|h| h.client().map(|c| (c, h.is_reachable())))
 }
 
-/// Publishes an Event about `reference`; a failure is logged, never fatal (Events are best effort).
-/// The note is cut to 1000 characters, well within the API's limit.
-pub(crate) async fn publish_event(
-    recorder: &Recorder,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: kube::runtime::events::EventType,
-    reason: &str,
-    note: &str,
-    action: &str,
-) {
-    let event = kube::runtime::events::Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: action.into(),
-        secondary: None,
+/// Runs every controller on `ctx` until one ends (a shutdown signal ends them all). `ready` is
+/// called once every cache has listed.
+pub async fn run(ctx: Arc<Context>) {
+    let ready = {
+        let ctx = ctx.clone();
+        async move {
+            ctx.synced().await;
+            tracing::info!("caches synced; ready");
+            ctx.health.set_ready();
+            std::future::pending::<()>().await
+        }
     };
-    if let Err(e) = recorder.publish(&event, reference).await {
-        tracing::warn!(error = %e, "cannot publish an Event");
+    tokio::select! {
+        _ = site::run(ctx.clone()) => {}
+        _ = execution::run(ctx.clone()) => {}
+        _ = scheduler::run(ctx.clone()) => {}
+        _ = remote_job::run(ctx.clone()) => {}
+        _ = lease::renew_forever(ctx.clone()) => {}
+        _ = ready => {}
     }
 }

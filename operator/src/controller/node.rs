@@ -150,13 +150,18 @@ pub fn capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> BTreeMap<Str
     let mut out = BTreeMap::new();
     out.insert(
         "cpu".into(),
-        c.cpu.clone().unwrap_or_else(|| Quantity("100".into())),
+        c.cpu.clone().unwrap_or_else(|| Quantity(ASSUMED_CPU.into())),
     );
     out.insert(
         "memory".into(),
-        c.memory.clone().unwrap_or_else(|| Quantity("3000Gi".into())),
+        c.memory
+            .clone()
+            .unwrap_or_else(|| Quantity(ASSUMED_MEMORY.into())),
     );
-    out.insert("pods".into(), Quantity(c.pods.unwrap_or(10_000).to_string()));
+    out.insert(
+        "pods".into(),
+        Quantity(c.pods.unwrap_or(ASSUMED_PODS).to_string()),
+    );
     for gpu in &c.gpus {
         let entry = out
             .entry(gpu.resource_name.clone())
@@ -180,6 +185,33 @@ pub fn capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> BTreeMap<Str
                 out.insert(a.resource_type.clone(), q.clone());
             }
         }
+    }
+    out
+}
+
+/// What a Node advertises for a capacity that is neither declared nor reported: enough that
+/// kube-scheduler lets pinned pods through, and said in the site's `CapacityKnown` condition.
+const ASSUMED_CPU: &str = "100";
+const ASSUMED_MEMORY: &str = "3000Gi";
+const ASSUMED_PODS: i32 = 10_000;
+/// The assumed defaults, as the condition names them.
+pub const ASSUMED_CAPACITY: &str = "cpu 100, memory 3000Gi, pods 10000";
+
+/// The capacity keys (`cpu`, `memory`, `pods`) that [`capacity`] had to assume: neither declared
+/// in `spec.capacity` nor reported (non-zero) by the last ping.
+pub fn assumed_capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> Vec<&'static str> {
+    let c = &site.spec.capacity;
+    let r = ping.and_then(|p| p.resources.as_ref());
+    let reported = |q: Option<&Option<Quantity>>| q.and_then(|q| q.as_ref()).is_some_and(|q| positive(&q.0));
+    let mut out = vec![];
+    if c.cpu.is_none() && !reported(r.map(|r| &r.cpu)) {
+        out.push("cpu");
+    }
+    if c.memory.is_none() && !reported(r.map(|r| &r.memory)) {
+        out.push("memory");
+    }
+    if c.pods.is_none() && !reported(r.map(|r| &r.pods)) {
+        out.push("pods");
     }
     out
 }
@@ -215,12 +247,28 @@ pub fn desired_status(
         allocatable: Some(capacity.clone()),
         capacity: Some(capacity),
         conditions: Some(vec![
-            condition(
-                "Ready",
-                "True",
-                "OffloadOperatorReady",
-                "offload-operator serves this site's virtual node",
-            ),
+            // Ready stays True while the operator serves the node (its lease renews): a Ready
+            // False would make kube-controller-manager taint the node NoExecute and evict every
+            // running pod after 300 s (ADR 0004). Site health shows in the reason and message,
+            // in the condition below, and in the NoSchedule taint that keeps new pods off.
+            if ok {
+                condition(
+                    "Ready",
+                    "True",
+                    "OffloadOperatorReady",
+                    "offload-operator serves this site's virtual node; the site passes its health check",
+                )
+            } else {
+                condition(
+                    "Ready",
+                    "True",
+                    "SiteUnreachable",
+                    &format!(
+                        "offload-operator serves this node but the site fails its health check ({reason}): \
+                         new pods are kept off by the {UNREACHABLE_TAINT} taint; running pods are not evicted"
+                    ),
+                )
+            },
             condition(
                 REACHABLE_CONDITION,
                 if ok { "True" } else { "False" },
@@ -288,6 +336,28 @@ mod tests {
         .expect("site");
         s.metadata.name = Some("hpc".into());
         s
+    }
+
+    #[test]
+    fn capacity_that_is_neither_declared_nor_reported_is_named_as_assumed() {
+        let mut bare = site();
+        bare.spec.capacity = Default::default();
+        assert_eq!(assumed_capacity(&bare, None), ["cpu", "memory", "pods"]);
+        let ping = PingResponse {
+            resources: Some(PingResources {
+                cpu: Some(Quantity("64".into())),
+                memory: Some(Quantity("0".into())),
+                pods: None,
+                accelerators: vec![],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            assumed_capacity(&bare, Some(&ping)),
+            ["memory", "pods"],
+            "a reported 0 is no report"
+        );
+        assert!(assumed_capacity(&site(), None).is_empty());
     }
 
     #[test]
@@ -371,6 +441,7 @@ mod tests {
             ..Default::default()
         };
         let c = capacity(&site(), Some(&ping));
+        assert_eq!(assumed_capacity(&site(), Some(&ping)), Vec::<&str>::new());
         assert_eq!(c["cpu"].0, "64");
         assert_eq!(c["memory"].0, "128Gi", "a 0 from the site is ignored");
         assert_eq!(c["nvidia.com/gpu"].0, "8");

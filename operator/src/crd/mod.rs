@@ -10,6 +10,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod common;
+pub mod conditions;
 pub mod policy;
 pub mod reference;
 pub mod remote_job;

@@ -5,6 +5,7 @@
 
 mod engine;
 pub mod queue;
+pub mod resources;
 pub mod selector;
 
 use std::collections::BTreeMap;

@@ -6,83 +6,38 @@ pub mod plan;
 #[cfg(test)]
 mod tests;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy},
-    runtime::{
-        Controller,
-        controller::Action,
-        events::{EventType, Recorder, Reporter},
-        reflector::Store,
-        watcher,
-    },
+    runtime::{Controller, controller::Action, reflector::Store},
 };
 use serde_json::json;
 
 use self::plan::SiteView;
-use crate::{
-    crd::{LABEL_JOB_UID, OffloadSite, RemoteJob, remote_job::RemoteJobPhase},
-    metrics::Metrics,
-};
+use super::{Context, Error, backoff::Backoff, events::Reason};
+use crate::crd::{LABEL_JOB_UID, OffloadSite, RemoteJob, conditions, remote_job::RemoteJobPhase};
 
 const MANAGER: &str = "offload-operator";
+const CONTROLLER: &str = "remotejob";
 
-/// Why a RemoteJob reconciliation failed (it is retried).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A Kubernetes API call failed.
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// The attempt's pod name is taken by a pod another object owns.
-    #[error("pod {0} exists and does not belong to this RemoteJob")]
-    NameTaken(String),
-}
-
+/// The RemoteJob controller's own state beside the shared context.
 struct Ctx {
-    client: Client,
-    sites: Store<OffloadSite>,
-    jobs: Store<RemoteJob>,
-    recorder: Recorder,
-    metrics: Metrics,
+    shared: Arc<Context>,
+    backoff: Backoff,
 }
 
-/// Runs the RemoteJob controller until the process ends. `selector` limits the jobs (and the
-/// sites it reads) as the operator's `--site-selector` does.
-pub async fn run(client: Client, metrics: Metrics, selector: Option<String>) {
-    let mut scoped = watcher::Config::default().any_semantic();
-    if let Some(s) = &selector {
-        scoped = scoped.labels(s);
-    }
-    let (sites, writer) = kube::runtime::reflector::store();
-    let site_stream = kube::runtime::reflector::reflector(
-        writer,
-        watcher(Api::<OffloadSite>::all(client.clone()), scoped.clone()),
-    );
-    tokio::spawn(async move {
-        let mut s = std::pin::pin!(site_stream);
-        while s.next().await.is_some() {}
-    });
-    let controller = Controller::new(Api::<RemoteJob>::all(client.clone()), scoped).owns(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels(LABEL_JOB_UID),
-    );
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: MANAGER.into(),
-            instance: None,
-        },
-    );
+/// Runs the RemoteJob controller until the process ends (jobs and sites within the operator's
+/// `--site-selector`, from the shared caches).
+pub async fn run(shared: Arc<Context>) {
+    let controller = Controller::for_shared_stream(shared.jobs.subscribe(), shared.jobs.store().clone())
+        .owns_shared_stream(shared.pods.subscribe());
     let ctx = Arc::new(Ctx {
-        client,
-        sites,
-        jobs: controller.store(),
-        recorder,
-        metrics,
+        shared,
+        backoff: Backoff::default(),
     });
     controller
         .shutdown_on_signal()
@@ -98,12 +53,8 @@ pub async fn run(client: Client, metrics: Metrics, selector: Option<String>) {
 }
 
 fn error_policy(job: Arc<RemoteJob>, err: &Error, ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(job = %job.name_any(), error = %err, "remote job reconcile failed; retrying");
-    ctx.metrics
-        .reconciles
-        .with_label_values(&["remotejob", "error"])
-        .inc();
-    Action::requeue(Duration::from_secs(5))
+    let key = job.uid().unwrap_or_default();
+    super::on_error(&ctx.shared, &ctx.backoff, CONTROLLER, &key, err)
 }
 
 /// Each site's readiness, from its `Ready` condition.
@@ -115,7 +66,7 @@ fn site_views(store: &Store<OffloadSite>) -> Vec<SiteView> {
             let ready = s
                 .status
                 .as_ref()
-                .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready"));
+                .and_then(|st| st.conditions.iter().find(|c| c.type_ == conditions::READY));
             SiteView {
                 name: s.name_any(),
                 ready: ready.is_some_and(|c| c.status == "True"),
@@ -128,6 +79,12 @@ fn site_views(store: &Store<OffloadSite>) -> Vec<SiteView> {
 }
 
 async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let action = apply(&job, &ctx.shared).await?;
+    ctx.backoff.succeeded(&job.uid().unwrap_or_default());
+    Ok(action)
+}
+
+async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         // Its pods are deleted by garbage collection; their remote jobs by the execution controller.
         return Ok(Action::await_change());
@@ -141,12 +98,12 @@ async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         .await?
         .items;
     let now = jiff::Timestamp::now();
-    let decision = plan::plan(&job, &pods, &site_views(&ctx.sites), now);
+    let decision = plan::plan(job, &pods, &site_views(ctx.sites.store()), now);
 
     for action in &decision.actions {
         match action {
             plan::Action::CreatePod { index, exclude } => {
-                let pod = plan::attempt_pod(&job, *index, exclude);
+                let pod = plan::attempt_pod(job, *index, exclude);
                 let name = pod.name_any();
                 match pods_api.create(&PostParams::default(), &pod).await {
                     Ok(_) => {}
@@ -155,13 +112,13 @@ async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                         let existing = pods_api.get(&name).await?;
                         if existing.labels().get(LABEL_JOB_UID) != Some(&uid) {
                             let note = format!("cannot create attempt pod {name}: the name is taken");
-                            publish(&ctx, &job, EventType::Warning, "FailedCreate", &note).await;
+                            publish(ctx, job, Reason::FailedCreate, &note).await;
                             return Err(Error::NameTaken(name));
                         }
                     }
                     Err(e) => {
                         let note = format!("cannot create attempt pod {name}: {e}");
-                        publish(&ctx, &job, EventType::Warning, "FailedCreate", &note).await;
+                        publish(ctx, job, Reason::FailedCreate, &note).await;
                         return Err(e.into());
                     }
                 }
@@ -202,13 +159,8 @@ async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 
     // Report only after the status that records it was written, so a retry does not count twice.
     for note in &decision.notes {
-        tracing::info!(job = %job.name_any(), namespace = %ns, reason = note.reason, "{}", note.message);
-        let type_ = if note.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(&ctx, &job, type_, note.reason, &note.message).await;
+        tracing::info!(job = %job.name_any(), namespace = %ns, reason = note.reason.as_str(), "{}", note.message);
+        publish(ctx, job, note.reason, &note.message).await;
     }
     for a in &decision.ended {
         let outcome = format!(
@@ -227,7 +179,7 @@ async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             .with_label_values(&[if ok { "Succeeded" } else { "Failed" }])
             .observe(secs);
     }
-    count_phases(&ctx, &job, decision.status.phase);
+    count_phases(ctx, job, decision.status.phase);
     ctx.metrics
         .reconciles
         .with_label_values(&["remotejob", "ok"])
@@ -238,7 +190,7 @@ async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 }
 
 /// Jobs by phase, from the controller's cache (with this job's new phase).
-fn count_phases(ctx: &Ctx, job: &RemoteJob, phase: Option<RemoteJobPhase>) {
+fn count_phases(ctx: &Context, job: &RemoteJob, phase: Option<RemoteJobPhase>) {
     let uid = job.uid();
     let mut counts = std::collections::BTreeMap::new();
     for p in [
@@ -250,7 +202,7 @@ fn count_phases(ctx: &Ctx, job: &RemoteJob, phase: Option<RemoteJobPhase>) {
     ] {
         counts.insert(format!("{p:?}"), 0i64);
     }
-    for j in ctx.jobs.state() {
+    for j in ctx.jobs.store().state() {
         let ph = if j.uid() == uid {
             phase
         } else {
@@ -263,14 +215,8 @@ fn count_phases(ctx: &Ctx, job: &RemoteJob, phase: Option<RemoteJobPhase>) {
     }
 }
 
-async fn publish(ctx: &Ctx, job: &RemoteJob, type_: EventType, reason: &str, note: &str) {
-    super::publish_event(
-        &ctx.recorder,
-        &job.object_ref(&()),
-        type_,
-        reason,
-        note,
-        "Reconcile",
-    )
-    .await;
+async fn publish(ctx: &Context, job: &RemoteJob, reason: Reason, note: &str) {
+    ctx.events
+        .publish(&job.object_ref(&()), reason, note, "Reconcile")
+        .await;
 }

@@ -12,6 +12,7 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 
 use crate::{
+    controller::events::Reason,
     controller::{load::is_finished, node::site_of_node},
     crd::{
         ANNOTATION_EXCLUDE_SITES, ANNOTATION_POLICY, ANNOTATION_REMOTE_ID, ANNOTATION_SITE, LABEL_ATTEMPT,
@@ -74,10 +75,8 @@ pub enum Action {
 /// An Event to publish on the job.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Note {
-    /// Warning rather than Normal.
-    pub warning: bool,
-    /// Event reason.
-    pub reason: &'static str,
+    /// Event reason (its type, Normal or Warning, comes with it).
+    pub reason: Reason,
     /// Event note.
     pub message: String,
 }
@@ -536,13 +535,12 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
             set_condition(c, "Failed", true, reason, &message, generation, &now_t);
         }
         out.notes.push(Note {
-            warning: !ok,
             reason: if ok {
-                "Completed"
+                Reason::Completed
             } else if reason == "DeadlineExceeded" {
-                "DeadlineExceeded"
+                Reason::DeadlineExceeded
             } else {
-                "Failed"
+                Reason::Failed
             },
             message,
         });
@@ -591,8 +589,7 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
             current = None;
             if !suspended_before {
                 out.notes.push(Note {
-                    warning: false,
-                    reason: "Suspended",
+                    reason: Reason::Suspended,
                     message: "job suspended: no attempt runs until it is resumed".into(),
                 });
             }
@@ -608,8 +605,7 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
         } else if st.conditions.iter().any(|c| c.type_ == "Suspended") {
             if suspended_before {
                 out.notes.push(Note {
-                    warning: false,
-                    reason: "Resumed",
+                    reason: Reason::Resumed,
                     message: "job resumed".into(),
                 });
             }
@@ -711,8 +707,7 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
                         msg.push_str(&format!(", avoiding site(s) {}", exclude.join(", ")));
                     }
                     out.notes.push(Note {
-                        warning: false,
-                        reason: "AttemptCreated",
+                        reason: Reason::AttemptCreated,
                         message: msg,
                     });
                     current = Some((
@@ -736,8 +731,11 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
         out.notes.insert(
             0,
             Note {
-                warning: !ok,
-                reason: if ok { "AttemptSucceeded" } else { "AttemptFailed" },
+                reason: if ok {
+                    Reason::AttemptSucceeded
+                } else {
+                    Reason::AttemptFailed
+                },
                 message: describe(a),
             },
         );

@@ -105,7 +105,11 @@ fn first_reconcile_creates_attempt_zero() {
     assert_eq!(p.status.attempt_count, Some(1));
     assert_eq!(p.status.phase, Some(RemoteJobPhase::Pending));
     assert_eq!(p.status.pod.as_deref(), Some("job-0"));
-    assert!(p.notes.iter().any(|n| n.reason == "AttemptCreated"));
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.reason == crate::controller::events::Reason::AttemptCreated)
+    );
 }
 
 #[test]
@@ -348,7 +352,11 @@ fn deadline_fails_the_job_and_deletes_the_running_attempt() {
         Some(AttemptOutcome::DeadlineExceeded)
     );
     assert_eq!(p.actions, vec![Action::DeletePod { name: "job-0".into() }]);
-    assert!(p.notes.iter().any(|n| n.reason == "DeadlineExceeded"));
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.reason == crate::controller::events::Reason::DeadlineExceeded)
+    );
     // Still running at the next look (the delete is in flight): delete again, nothing else.
     let j = with_status(j, &p);
     let again = plan(&j, &pods, &[ready("hpc")], at(31));

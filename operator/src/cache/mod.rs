@@ -1,0 +1,172 @@
+//! Shared caches: one watch per kind for the whole operator, read by every controller.
+//!
+//! Each [`Cache`] is a kube-runtime [`Store`] fed by one watch, plus a fan-out of the objects each
+//! watch event applies, so a controller can be triggered by the same watch that fills the cache
+//! (`Controller::for_shared_stream`) instead of opening its own. The pod cache is a union of
+//! narrowed watches ([`pods`]).
+
+pub mod pods;
+
+use std::{
+    fmt::Debug,
+    hash::Hash,
+    sync::{Arc, Mutex},
+};
+
+use futures::{Stream, StreamExt};
+use kube::{
+    Api, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{ObjectRef, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// How many applied objects a subscriber may fall behind before the watch waits for it
+/// (backpressure, as kube-runtime's shared streams: nothing is dropped).
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// A cache of one kind, filled by one watch, with subscriptions to what it applies.
+pub struct Cache<K: Resource + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store: Store<K>,
+    fanout: Fanout<K>,
+    synced: watch::Receiver<bool>,
+}
+
+impl<K: Resource + 'static> Clone for Cache<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn clone(&self) -> Self {
+        Cache {
+            store: self.store.clone(),
+            fanout: self.fanout.clone(),
+            synced: self.synced.clone(),
+        }
+    }
+}
+
+impl<K> Cache<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    /// The cached objects.
+    pub fn store(&self) -> &Store<K> {
+        &self.store
+    }
+
+    /// Every object a watch event applies from now on (and all of them after each re-list), for
+    /// triggering a controller. A subscriber must be polled: a full buffer holds the watch back.
+    pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        self.fanout.subscribe()
+    }
+
+    /// Whether the first list has completed.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until the first list has completed.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Sends applied objects to every live subscriber.
+pub(crate) struct Fanout<K> {
+    senders: Arc<Mutex<Vec<mpsc::Sender<Arc<K>>>>>,
+}
+
+impl<K> Clone for Fanout<K> {
+    fn clone(&self) -> Self {
+        Fanout {
+            senders: self.senders.clone(),
+        }
+    }
+}
+
+impl<K: Send + Sync + 'static> Fanout<K> {
+    pub(crate) fn new() -> Self {
+        Fanout {
+            senders: Arc::default(),
+        }
+    }
+
+    fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        self.senders.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|o| (o, rx)) })
+    }
+
+    /// Sends `obj` to every subscriber, waiting for room; subscribers that went away are dropped.
+    pub(crate) async fn send(&self, obj: Arc<K>) {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut gone = false;
+        for s in &senders {
+            gone |= s.send(obj.clone()).await.is_err();
+        }
+        if gone {
+            self.senders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|s| !s.is_closed());
+        }
+    }
+}
+
+/// Starts the watch of `api` with `cfg` (retried with kube's default backoff) into a new cache.
+/// `wake` is notified after every event (the scheduler's cycle trigger).
+pub fn spawn<K>(api: Api<K>, cfg: watcher::Config, kind: &'static str, wake: Arc<Notify>) -> Cache<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let mut writer: Writer<K> = Writer::default();
+    let store = writer.as_reader();
+    let fanout = Fanout::new();
+    let (synced_tx, synced) = watch::channel(false);
+    let cache = Cache {
+        store: store.clone(),
+        fanout: fanout.clone(),
+        synced,
+    };
+    tokio::spawn(async move {
+        let stream = watcher(api, cfg).default_backoff().modify(|o| {
+            // Nothing reads managed fields from a cache; they are often half an object's size.
+            o.meta_mut().managed_fields = None;
+        });
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    writer.apply_watcher_event(&event);
+                    match &event {
+                        watcher::Event::Apply(o) => {
+                            if let Some(o) = store.get(&ObjectRef::from_obj(o)) {
+                                fanout.send(o).await;
+                            }
+                        }
+                        watcher::Event::InitDone => {
+                            let _ = synced_tx.send(true);
+                            for o in store.state() {
+                                fanout.send(o).await;
+                            }
+                        }
+                        _ => {}
+                    }
+                    wake.notify_one();
+                }
+                Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+    cache
+}

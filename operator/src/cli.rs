@@ -1,0 +1,313 @@
+//! The command line: its arguments and what each command does. `main.rs` only parses and calls
+//! [`main`].
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, api::ListParams};
+
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "offload-operator", version, about)]
+pub struct Cli {
+    /// Kubeconfig file; default: in-cluster configuration, then $KUBECONFIG, then ~/.kube/config.
+    #[arg(long, global = true, env = "OFFLOAD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OFFLOAD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, in RUST_LOG syntax.
+    #[arg(long, global = true, default_value = "info", env = "RUST_LOG")]
+    pub log_filter: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator: the site controller, node leases, the offload scheduler, and the
+    /// metrics/health server.
+    Run(RunArgs),
+    /// Print where the offload scheduler would place a pod now, and why, without binding it.
+    Explain {
+        /// A pod manifest (YAML or JSON; `-` for stdin).
+        #[arg(short = 'f', long = "filename", conflicts_with = "pod")]
+        file: Option<PathBuf>,
+        /// An existing pod, as `namespace/name`.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only sites and policies with these labels, as the operator's `--site-selector`.
+        #[arg(long)]
+        site_selector: Option<String>,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect to the cluster with the operator's identity and report what it can reach.
+    Check,
+    /// Print the CustomResourceDefinitions as YAML (`offload-operator crds | kubectl apply -f -`),
+    /// or write one file per CRD into a folder.
+    Crds {
+        /// Write `<group>_<plural>.yaml` files into this folder instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Print the field reference (docs/crds.md) as Markdown instead.
+        #[arg(long, conflicts_with = "out_dir")]
+        reference: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The operator's namespace: site credentials (Secrets, ConfigMaps) are read here only.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "offload-system")]
+    pub namespace: String,
+    /// Address of the metrics and health server (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Address written into each virtual Node for its kubelet API (logs).
+    #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
+    pub kubelet_address: String,
+    /// Port of the kubelet API (`kubectl logs`): written into each virtual Node and served here.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: i32,
+    /// Serving certificate (PEM) of the kubelet API; without the three kubelet TLS flags the
+    /// endpoint is off and `kubectl logs` does not work for offloaded pods.
+    #[arg(long, requires_all = ["kubelet_tls_key", "kubelet_client_ca"])]
+    pub kubelet_tls_cert: Option<PathBuf>,
+    /// Key of the kubelet serving certificate.
+    #[arg(long)]
+    pub kubelet_tls_key: Option<PathBuf>,
+    /// CA of the client certificates accepted by the kubelet API (kube-apiserver's
+    /// `--kubelet-client-certificate` issuer).
+    #[arg(long)]
+    pub kubelet_client_ca: Option<PathBuf>,
+    /// Only manage OffloadSites, OffloadPolicies and RemoteJobs matching this label selector
+    /// (sharding, tests). Pods naming a policy or site outside it are left to another operator.
+    #[arg(long)]
+    pub site_selector: Option<String>,
+    /// Seconds between node lease renewals (a kubelet's default is 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=30))]
+    pub node_lease_renew_seconds: u64,
+}
+
+/// Runs the command line `cli` (after the crypto provider is installed).
+pub async fn main(cli: Cli) -> ExitCode {
+    if let Err(err) = telemetry::init(cli.log_format, &cli.log_filter) {
+        eprintln!("offload-operator: cannot set up logging: {err}");
+        return ExitCode::FAILURE;
+    }
+    match cli.command {
+        Command::Check => check(cli.kubeconfig).await,
+        Command::Run(args) => run(cli.kubeconfig, args).await,
+        Command::Explain {
+            file,
+            pod,
+            site_selector,
+            json,
+        } => explain(cli.kubeconfig, file, pod, site_selector, json).await,
+        Command::Crds { reference: true, .. } => {
+            print!("{}", crate::crd::reference::markdown());
+            ExitCode::SUCCESS
+        }
+        Command::Crds { out_dir, .. } => print_crds(out_dir.as_deref()),
+    }
+}
+
+fn print_crds(out_dir: Option<&std::path::Path>) -> ExitCode {
+    for crd in crate::crd::crds() {
+        let yaml = match crate::crd::to_yaml(&crd) {
+            Ok(y) => y,
+            Err(err) => {
+                eprintln!("offload-operator: cannot render {}: {err}", crd.spec.names.kind);
+                return ExitCode::FAILURE;
+            }
+        };
+        match out_dir {
+            Some(dir) => {
+                let path = dir.join(crate::crd::file_name(&crd));
+                if let Err(err) = std::fs::write(&path, yaml) {
+                    eprintln!("offload-operator: cannot write {}: {err}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
+    use crate::{controller, metrics::Metrics, server};
+    let client = match crate::kubeclient::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot build the Kubernetes client");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = match Metrics::new() {
+        Ok(m) => m,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot register metrics");
+            return ExitCode::FAILURE;
+        }
+    };
+    let health = server::Health::default();
+    let (addr, _server) = match server::serve(args.metrics_addr, metrics.clone(), health.clone()).await {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, addr = %args.metrics_addr, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%addr, namespace = %args.namespace, "offload-operator running; metrics on http://{addr}/metrics");
+    let kubelet_ip = args.kubelet_address.clone();
+    let settings = controller::Settings {
+        namespace: args.namespace,
+        kubelet: controller::node::KubeletEndpoint {
+            address: args.kubelet_address,
+            port: args.kubelet_port,
+        },
+        site_selector: args.site_selector,
+        lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
+    };
+    let ctx = controller::Context::start(client.clone(), settings, metrics, health);
+    match (
+        args.kubelet_tls_cert,
+        args.kubelet_tls_key,
+        args.kubelet_client_ca,
+    ) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            let tls = crate::kubelet::KubeletTls { cert, key, client_ca };
+            // Listen on the address the Nodes advertise (the pod IP in a cluster, loopback in tests).
+            let ip = kubelet_ip.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            let listen = std::net::SocketAddr::new(ip, args.kubelet_port as u16);
+            if let Err(err) = crate::kubelet::serve(listen, &tls, client, ctx.registry.clone()).await {
+                tracing::error!(error = %err, "cannot start the kubelet endpoint");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(
+                port = args.kubelet_port,
+                "kubelet endpoint (kubectl logs) on HTTPS"
+            );
+        }
+        _ => tracing::warn!("no kubelet TLS configured: kubectl logs is unavailable for offloaded pods"),
+    }
+    controller::run(ctx).await;
+    tracing::info!("shutting down");
+    ExitCode::SUCCESS
+}
+
+async fn explain(
+    kubeconfig: Option<PathBuf>,
+    file: Option<PathBuf>,
+    pod: Option<String>,
+    selector: Option<String>,
+    json: bool,
+) -> ExitCode {
+    use k8s_openapi::api::core::v1::Pod;
+    let fail = |msg: String| {
+        eprintln!("offload-operator explain: {msg}");
+        ExitCode::FAILURE
+    };
+    let client = match crate::kubeclient::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(err) => return fail(err.to_string()),
+    };
+    let pod: Pod = match (file, pod) {
+        (Some(path), _) => {
+            let text = if path.as_os_str() == "-" {
+                let mut s = String::new();
+                match std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                    Ok(_) => s,
+                    Err(e) => return fail(format!("cannot read stdin: {e}")),
+                }
+            } else {
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => s,
+                    Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+                }
+            };
+            match serde_saphyr::from_str(&text) {
+                Ok(p) => p,
+                Err(e) => return fail(format!("not a pod manifest: {e}")),
+            }
+        }
+        (None, Some(id)) => {
+            let Some((ns, name)) = id.split_once('/') else {
+                return fail(format!("{id:?} is not namespace/name"));
+            };
+            match Api::<Pod>::namespaced(client.clone(), ns).get(name).await {
+                Ok(p) => p,
+                Err(e) => return fail(format!("cannot read pod {id}: {e}")),
+            }
+        }
+        (None, None) => return fail("give a manifest (-f) or a pod (--pod namespace/name)".into()),
+    };
+    let decision = match crate::controller::scheduler::explain(&client, &pod, selector.as_deref()).await {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&decision).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("policy: {}", decision.policy);
+    match &decision.chosen {
+        Some(site) => println!("chosen: {site}"),
+        None => println!("chosen: none (the pod would stay Pending)"),
+    }
+    if !decision.ranking.is_empty() {
+        println!(
+            "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
+            "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU", "WAIT(s)"
+        );
+        for r in &decision.ranking {
+            println!(
+                "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
+                r.site, r.score, r.queue, r.cost, r.free_capacity, r.gpu_fit, r.expected_wait_seconds
+            );
+        }
+    }
+    if !decision.rejected.is_empty() {
+        println!("\nrejected:");
+        for (site, reason) in &decision.rejected {
+            println!("  {site}: {reason}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Prints the API server's version and whether the identity may list Nodes (the operator needs to).
+async fn check(kubeconfig: Option<PathBuf>) -> ExitCode {
+    let client = match crate::kubeclient::client(kubeconfig.as_deref()).await {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("offload-operator: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let version = match client.apiserver_version().await {
+        Ok(v) => v,
+        Err(err) => {
+            eprintln!("offload-operator: cannot reach the API server: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("api server: {}", version.git_version);
+    match Api::<Node>::all(client)
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => println!("list nodes: allowed"),
+        Err(kube::Error::Api(status)) if status.code == 403 => println!("list nodes: forbidden"),
+        Err(err) => {
+            eprintln!("offload-operator: listing nodes failed: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,192 @@
+//! What a `/create` carries besides the pod: every ConfigMap and Secret it mounts or reads, and
+//! its projected and downward-API volumes, read when the pod is created at its site.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Pod, Secret},
+};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::interlink::wire::PodCreateRequests;
+
+/// Every ConfigMap and Secret the pod mounts or reads in env, in full; projected and downwardAPI
+/// volumes as ConfigMaps named after the volume, as interLink sends them.
+pub async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, String> {
+    let ns = pod.namespace().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let (mut cm_names, mut secret_names) = (Vec::<String>::new(), Vec::<String>::new());
+    let mut projected = Vec::new();
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            cm_names.push(c.name.clone());
+        }
+        if let Some(s) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
+            secret_names.push(s);
+        }
+        if let Some(p) = &v.projected {
+            let mut data = BTreeMap::new();
+            for src in p.sources.iter().flatten() {
+                if let Some(c) = &src.config_map {
+                    let cm = get::<ConfigMap>(client, &ns, &c.name).await?;
+                    data.extend(cm.data.unwrap_or_default());
+                }
+                if let Some(s) = &src.secret {
+                    let sec = get::<Secret>(client, &ns, &s.name).await?;
+                    for (k, ByteString(b)) in sec.data.unwrap_or_default() {
+                        data.insert(k, String::from_utf8_lossy(&b).into_owned());
+                    }
+                }
+                if let Some(tok) = &src.service_account_token {
+                    data.insert(tok.path.clone(), token(client, pod, tok).await?);
+                }
+                if let Some(d) = &src.downward_api {
+                    for item in d.items.iter().flatten() {
+                        if let Some(f) = &item.field_ref {
+                            data.insert(item.path.clone(), field(pod, &f.field_path));
+                        }
+                    }
+                }
+            }
+            projected.push(synthetic(&v.name, data));
+        }
+        if let Some(d) = &v.downward_api {
+            let data = d
+                .items
+                .iter()
+                .flatten()
+                .filter_map(|i| Some((i.path.clone(), field(pod, &i.field_ref.as_ref()?.field_path))))
+                .collect();
+            projected.push(synthetic(&v.name, data));
+        }
+    }
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        for e in c.env.iter().flatten().filter_map(|e| e.value_from.as_ref()) {
+            cm_names.extend(e.config_map_key_ref.as_ref().map(|r| r.name.clone()));
+            secret_names.extend(e.secret_key_ref.as_ref().map(|r| r.name.clone()));
+        }
+        for e in c.env_from.iter().flatten() {
+            cm_names.extend(e.config_map_ref.as_ref().map(|r| r.name.clone()));
+            secret_names.extend(e.secret_ref.as_ref().map(|r| r.name.clone()));
+        }
+    }
+    cm_names.sort();
+    cm_names.dedup();
+    secret_names.sort();
+    secret_names.dedup();
+    let mut configmaps = Vec::new();
+    for n in &cm_names {
+        configmaps.push(get::<ConfigMap>(client, &ns, n).await?);
+    }
+    let mut secrets = Vec::new();
+    for n in &secret_names {
+        secrets.push(get::<Secret>(client, &ns, n).await?);
+    }
+    Ok(PodCreateRequests {
+        pod: pod.clone(),
+        configmaps,
+        secrets,
+        projectedvolumesmaps: projected,
+        jobscript_url: String::new(),
+    })
+}
+
+/// A service-account token requested for the pod (bound to it, as a kubelet requests it).
+async fn token(
+    client: &Client,
+    pod: &Pod,
+    src: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+) -> Result<String, String> {
+    use k8s_openapi::api::{
+        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let ns = pod.namespace().unwrap_or_default();
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: src.audience.clone().map(|a| vec![a]),
+            expiration_seconds: Some(src.expiration_seconds.unwrap_or(3600).max(600)),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let answer: TokenRequest = api
+        .create_subresource("token", &sa, &kube::api::PostParams::default(), &request)
+        .await
+        .map_err(|e| format!("cannot request a token for ServiceAccount {ns}/{sa}: {e}"))?;
+    answer
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| format!("the token request for {ns}/{sa} returned no token"))
+}
+
+fn synthetic(name: &str, data: BTreeMap<String, String>) -> ConfigMap {
+    ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn field(pod: &Pod, path: &str) -> String {
+    let m = &pod.metadata;
+    match path {
+        "metadata.name" => m.name.clone().unwrap_or_default(),
+        "metadata.namespace" => m.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => m.uid.clone().unwrap_or_default(),
+        "metadata.labels" => m
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}=\"{v}\"\n"))
+            .collect(),
+        "metadata.annotations" => m
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}=\"{v}\"\n"))
+            .collect(),
+        "spec.nodeName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Result<K, String>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&Default::default()).to_string();
+    match Api::<K>::namespaced(client.clone(), ns).get_opt(name).await {
+        Ok(Some(o)) => Ok(o),
+        Ok(None) => Err(format!("{kind} {ns}/{name} does not exist")),
+        Err(e) => Err(format!("cannot read {kind} {ns}/{name}: {e}")),
+    }
+}

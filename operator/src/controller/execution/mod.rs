@@ -1,0 +1,378 @@
+//! The kubelet role: runs pods bound to a site's virtual Node at the site and keeps their status
+//! true. Create and delete are per pod ([`decide`] says which, this module applies it); status is
+//! synced per site in one batched request ([`sync`]).
+
+pub mod decide;
+mod gather;
+mod sync;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::{Controller, controller::Action},
+};
+use serde_json::json;
+
+use self::decide::{Facts, Step};
+use super::{Context, Error, backoff::Backoff, events::Reason, node, site_client, written::WrittenStatuses};
+use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, OffloadSite};
+
+const CONTROLLER: &str = "pod";
+
+/// The execution controller's own state beside the shared context.
+struct Ctx {
+    shared: Arc<Context>,
+    backoff: Backoff,
+    /// When each pod was created at its site, until it first runs (for the observed queue time).
+    created: Mutex<HashMap<String, (String, Instant)>>,
+    /// Pods a site's status answer left out: how many answers in a row, since when.
+    missing: Mutex<HashMap<String, (String, u32, Instant)>>,
+    /// Per site, statuses written that the watch cache may not show yet (compared instead of a
+    /// stale copy).
+    written: Mutex<HashMap<String, WrittenStatuses>>,
+    /// Per site, the pods with a remote job seen at the last sync, by UID. The API server deletes
+    /// a finished pod at once, and `kubectl delete --force` any pod (no deletionTimestamp, so no
+    /// reconcile sees it go): a pod that has left the cache since is deleted at its site from
+    /// this copy.
+    tracked: Mutex<HashMap<String, HashMap<String, Arc<Pod>>>>,
+    /// Per site, UIDs `delete` already deleted there (the sweep skips them).
+    deleted_at_site: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+/// Runs the execution controller and the per-site status sync until the process ends.
+pub async fn run(shared: Arc<Context>) {
+    let controller = Controller::for_shared_stream(shared.pods.subscribe(), shared.pods.store().clone());
+    let ctx = Arc::new(Ctx {
+        shared,
+        backoff: Backoff::default(),
+        created: Mutex::default(),
+        missing: Mutex::default(),
+        written: Mutex::default(),
+        tracked: Mutex::default(),
+        deleted_at_site: Mutex::default(),
+    });
+    tokio::spawn(sync::sync_forever(ctx.clone()));
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+fn error_policy(pod: Arc<Pod>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    let key = pod.uid().unwrap_or_default();
+    super::on_error(&ctx.shared, &ctx.backoff, CONTROLLER, &key, err)
+}
+
+/// The site whose virtual Node the pod is bound to, if any.
+fn site_of(ctx: &Context, pod: &Pod) -> Option<Arc<OffloadSite>> {
+    let node = pod.spec.as_ref()?.node_name.as_deref()?;
+    ctx.site(node::site_of_node(node)?)
+}
+
+async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let shared = &ctx.shared;
+    let site = site_of(shared, &pod);
+    let site_name = site.as_ref().map(|s| s.name_any()).unwrap_or_default();
+    let client = site_client(&shared.registry, &site_name);
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or_default();
+    let ns = pod.namespace().unwrap_or_default();
+    let labels = shared.namespace_labels(&ns);
+    let step = decide::decide(&Facts {
+        pod: &pod,
+        site: site.as_deref(),
+        node_looks_like_a_site: node::site_of_node(node).is_some(),
+        client: client.as_ref().map(|(_, reachable)| *reachable),
+        namespace_labels: &labels,
+    });
+    let action = match step {
+        Step::Ignore | Step::Done => Action::await_change(),
+        Step::WaitForSite => Action::requeue(Duration::from_secs(2)),
+        Step::Delete { recorded, sent_at } => delete(&ctx, &pod, &site_name, recorded, sent_at).await?,
+        Step::Refuse { message } => {
+            fail(shared, &pod, Reason::NamespaceNotAllowed, &message).await?;
+            Action::await_change()
+        }
+        Step::SiteUnavailable { message } => {
+            waiting(shared, &pod, "SiteUnavailable", &message).await?;
+            Action::requeue(Duration::from_secs(5))
+        }
+        Step::Create { ask_first } => match client {
+            Some((client, _)) => create(&ctx, &pod, &site_name, &client, ask_first).await?,
+            None => Action::requeue(Duration::from_secs(2)),
+        },
+    };
+    ctx.backoff.succeeded(&pod.uid().unwrap_or_default());
+    Ok(action)
+}
+
+/// Creates the pod at its site (asking first when a create may have arrived unrecorded), records
+/// the remote job, and reports.
+async fn create(
+    ctx: &Ctx,
+    pod: &Pod,
+    site: &str,
+    client: &crate::interlink::SiteClient,
+    ask_first: bool,
+) -> Result<Action, Error> {
+    let shared = &ctx.shared;
+    let ns = pod.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
+    let request = match gather::gather(&shared.client, pod).await {
+        Ok(r) => r,
+        Err(message) => {
+            waiting(shared, pod, "CreateContainerConfigError", &message).await?;
+            return Err(Error::Invalid(message));
+        }
+    };
+    // A create may have been sent before (the marker below) and reached the site unrecorded, by a
+    // process that died or an answer that was lost: ask the site first, giving it the time it may
+    // need to show the pod. A pod never sent needs no question.
+    let known = if ask_first {
+        client.find_created(pod, client.create_settle()).await
+    } else {
+        None
+    };
+    let outcome = match known {
+        Some(jid) => Ok(jid),
+        None => {
+            if !ask_first {
+                let now = jiff::Timestamp::now().to_string();
+                let patch = json!({"metadata": {"annotations": {ANNOTATION_CREATE_SENT: now}}});
+                pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+            client.create_idempotent(&request).await.map(|(c, _)| c.pod_jid)
+        }
+    };
+    let result = outcome.as_ref().map_or_else(|e| e.reason(), |_| "ok");
+    shared
+        .metrics
+        .site_requests
+        .with_label_values(&[site, "create", result])
+        .inc();
+    match outcome {
+        Ok(jid) => {
+            tracing::info!(pod = %pod.name_any(), namespace = %ns, site, job = %jid, "created at the site");
+            let patch = json!({"metadata": {"annotations": {ANNOTATION_REMOTE_ID: jid}}});
+            pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            ctx.created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(pod.uid().unwrap_or_default(), (site.to_string(), Instant::now()));
+            let message = format!("submitted to site {site} (job {jid})");
+            waiting(shared, pod, "ContainerCreating", &message).await?;
+            let note = format!("created at site {site} as job {jid}");
+            publish(shared, pod, Reason::Submitted, &note).await;
+            Ok(Action::await_change())
+        }
+        Err(e) if e.is_retryable() => {
+            let message = format!("creating at site {site} failed, retrying: {e}");
+            waiting(shared, pod, "SiteUnavailable", &message).await?;
+            Err(Error::Site {
+                site: site.to_string(),
+                source: e,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(pod = %pod.name_any(), namespace = %ns, site, error = %e, "the site refused the pod");
+            let message = format!("site {site} refused the pod: {e}");
+            fail(shared, pod, Reason::OffloadCreateFailed, &message).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Deletes the pod at its site, then completes its deletion as a kubelet does. A finished pod is
+/// deleted at the site too (its job, state and logs would stay there forever otherwise), and so is
+/// a pod whose create was sent but never recorded, if the site turns out to have it.
+async fn delete(
+    ctx: &Ctx,
+    pod: &Pod,
+    site: &str,
+    recorded: bool,
+    sent_at: Option<String>,
+) -> Result<Action, Error> {
+    if recorded || sent_at.is_some() {
+        let Some((client, _)) = site_client(&ctx.shared.registry, site) else {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        };
+        let at_site = recorded || {
+            let settle =
+                unrecorded_settle(sent_at.as_deref(), jiff::Timestamp::now(), client.create_settle());
+            client.find_created(pod, settle).await.is_some()
+        };
+        if at_site && !delete_at_site(&ctx.shared, pod, site, &client).await {
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        if at_site {
+            ctx.deleted_at_site
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(site.to_string())
+                .or_default()
+                .extend(pod.uid());
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.shared.client.clone(), &pod.namespace().unwrap_or_default());
+    match pods
+        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+        .await
+    {
+        Ok(_) | Err(kube::Error::Api(_)) => Ok(Action::await_change()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How long to ask a site whether a create sent at `sent_at` (the marker's RFC 3339 value) but
+/// never recorded reached it: until the site's status lag has passed since the create, and at
+/// least one question. An unreadable marker gets the whole lag.
+pub(crate) fn unrecorded_settle(sent_at: Option<&str>, now: jiff::Timestamp, lag: Duration) -> Duration {
+    let Some(sent) = sent_at.and_then(|t| t.parse::<jiff::Timestamp>().ok()) else {
+        return lag;
+    };
+    let since = now.duration_since(sent).try_into().unwrap_or(Duration::ZERO);
+    lag.saturating_sub(since)
+}
+
+/// `/delete` for a pod the site has. False when the site still has it after a failed delete (the
+/// caller tries again later).
+async fn delete_at_site(ctx: &Context, pod: &Pod, site: &str, client: &crate::interlink::SiteClient) -> bool {
+    let result = client.delete(pod).await;
+    let label = result.as_ref().map_or_else(|e| e.reason(), |_| "ok");
+    ctx.metrics
+        .site_requests
+        .with_label_values(&[site, "delete", label])
+        .inc();
+    match result {
+        Ok(_) => tracing::info!(pod = %pod.name_any(), site, "deleted at the site"),
+        Err(e) if e.is_retryable() && still_at_site(client, pod).await => {
+            let note = format!("deleting at site {site} failed, retrying: {e}");
+            publish(ctx, pod, Reason::DeleteRetrying, &note).await;
+            return false;
+        }
+        // A site that does not know the pod (or refuses) has nothing left to stop.
+        Err(e) => {
+            tracing::info!(pod = %pod.name_any(), error = %e, "site delete refused; completing the deletion")
+        }
+    }
+    true
+}
+
+/// After a failed delete: whether the site still has the pod. interLink's SLURM plugin answers a
+/// delete of a pod it no longer has with a bare 500, which looks transient; a status answer that
+/// does not know the pod settles it. A site that cannot answer may still have it.
+async fn still_at_site(client: &crate::interlink::SiteClient, pod: &Pod) -> bool {
+    let uid = pod.uid().unwrap_or_default();
+    match client.status(std::slice::from_ref(pod)).await {
+        Ok(statuses) => statuses.iter().any(|s| s.uid == uid && s.is_known()),
+        Err(_) => true,
+    }
+}
+
+/// Pending, every container waiting with this reason; not written again when every container
+/// already says so (a pod waiting for its site is reconciled every few seconds).
+async fn waiting(ctx: &Context, pod: &Pod, reason: &str, message: &str) -> Result<(), kube::Error> {
+    let says_so = pod.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Pending")
+            && s.container_statuses.as_ref().is_some_and(|cs| {
+                !cs.is_empty()
+                    && cs.iter().all(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|st| st.waiting.as_ref())
+                            .is_some_and(|w| {
+                                w.reason.as_deref() == Some(reason) && w.message.as_deref() == Some(message)
+                            })
+                    })
+            })
+    });
+    if says_so {
+        return Ok(());
+    }
+    let containers: Vec<_> = pod.spec.iter().flat_map(|s| s.containers.iter()).map(|c| json!({
+        "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "", "ready": false, "restartCount": 0,
+        "started": false, "state": {"waiting": {"reason": reason, "message": message}}})).collect();
+    let now = Time(jiff::Timestamp::now());
+    let start = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.clone())
+        .unwrap_or(now);
+    let patch = json!({"status": {"phase": "Pending", "startTime": start, "containerStatuses": containers}});
+    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+/// Failed, every container terminated with exit code 1 and this reason.
+async fn fail(ctx: &Context, pod: &Pod, reason: Reason, message: &str) -> Result<(), kube::Error> {
+    let now = Time(jiff::Timestamp::now());
+    let reason_str = reason.as_str();
+    let containers: Vec<_> = pod.spec.iter().flat_map(|s| s.containers.iter()).map(|c| json!({
+        "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "", "ready": false, "restartCount": 0,
+        "started": false, "state": {"terminated": {"exitCode": 1, "reason": reason_str, "message": message, "finishedAt": now}}})).collect();
+    let patch = json!({"status": {"phase": "Failed", "reason": reason_str, "message": message, "containerStatuses": containers}});
+    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    publish(ctx, pod, reason, message).await;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, pod: &Pod, reason: Reason, note: &str) {
+    ctx.events
+        .publish(&pod.object_ref(&()), reason, note, "Offload")
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{sync::is_lost, unrecorded_settle};
+
+    #[test]
+    fn a_pod_is_lost_only_after_several_answers_over_time() {
+        assert!(!is_lost(1, Duration::from_secs(600)), "one answer is not enough");
+        assert!(
+            !is_lost(10, Duration::from_secs(5)),
+            "a site's status cache may lag a new job"
+        );
+        assert!(is_lost(3, Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_deleted_pod_sent_but_unrecorded_is_looked_for_until_the_site_lag_has_passed() {
+        let lag = Duration::from_secs(12);
+        let now: jiff::Timestamp = "2026-12-03T10:00:20Z".parse().unwrap();
+        // Sent 5 s ago: the site may need 7 s more to show it.
+        assert_eq!(
+            unrecorded_settle(Some("2026-12-03T10:00:15Z"), now, lag),
+            Duration::from_secs(7)
+        );
+        // Sent long ago: one question is enough.
+        assert_eq!(
+            unrecorded_settle(Some("2026-12-03T09:00:00Z"), now, lag),
+            Duration::ZERO
+        );
+        // A marker that cannot be read, or from the future (clock skew): the whole lag.
+        assert_eq!(unrecorded_settle(Some("yesterday"), now, lag), lag);
+        assert_eq!(unrecorded_settle(Some("2026-12-03T10:05:00Z"), now, lag), lag);
+        assert_eq!(unrecorded_settle(None, now, lag), lag);
+    }
+}

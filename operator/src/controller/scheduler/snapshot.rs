@@ -1,0 +1,212 @@
+//! Sites as the placement engine sees them, built from the caches (pure: the caller passes the
+//! site, its Node's allocatable, its pods and the time).
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::api::resource::Quantity};
+use kube::ResourceExt;
+
+use crate::{
+    controller::load,
+    crd::{ANNOTATION_PLACEMENT, OffloadSite, common::is_true, conditions},
+    placement::{GpuOffer, Resources, SiteSnapshot, cost_milli, queue},
+};
+
+/// A pod this scheduler bound that the pod cache does not show bound yet (kube-scheduler's
+/// "assumed" pods): it counts on its site and is not placed again until the cache catches up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assumed {
+    /// The site it was bound to.
+    pub site: String,
+    /// The policy that placed it.
+    pub policy: String,
+    /// What it requests.
+    pub requests: Resources,
+}
+
+/// The site as the engine sees it: its status, the capacity its Node advertises, and the load of
+/// the `active` pods bound to it.
+pub fn site(
+    site: &OffloadSite,
+    allocatable: Option<&BTreeMap<String, Quantity>>,
+    active: &[Pod],
+    now: jiff::Timestamp,
+) -> SiteSnapshot {
+    let cap = allocatable.map(Resources::from_quantities).unwrap_or_default();
+    let mut free = cap.clone();
+    free.subtract(&load::total(active));
+    let not_started = active
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_none_or(|ph| ph == "Pending")
+        })
+        .count() as i64;
+    let status = site.status.clone().unwrap_or_default();
+    let spec = &site.spec;
+    let unstarted = load::longest_unstarted(active, now);
+    let slots = spec.max_concurrent_pods.map(i64::from).unwrap_or(cap.pods);
+    SiteSnapshot {
+        name: site.name_any(),
+        labels: spec.site_labels.clone(),
+        kind: spec.kind,
+        architecture: spec.architecture,
+        ready: is_true(&status.conditions, conditions::READY),
+        cordoned: spec.cordoned,
+        namespace_selector: spec.namespace_selector.clone(),
+        relative_cost: cost_milli(spec.relative_cost),
+        max_concurrent_pods: spec.max_concurrent_pods.map(i64::from),
+        active_pods: active.len() as i64,
+        pods_by_policy: pods_by_policy(active),
+        capacity: cap,
+        free,
+        gpus: spec
+            .capacity
+            .gpus
+            .iter()
+            .map(|g| GpuOffer {
+                resource: g.resource_name.clone(),
+                model: g.model.clone(),
+                memory_bytes: g.memory_per_gpu.as_ref().map(|q| crate::quantity::int(&q.0)),
+            })
+            .collect(),
+        expected_wait_seconds: queue::with_unstarted(
+            queue::expected_wait(
+                spec.typical_queue_wait_seconds.map(i64::from),
+                status.observed_queue_wait_seconds.map(|s| s as f64),
+                not_started,
+                slots,
+            ),
+            unstarted,
+            i64::from(spec.status_sync_interval_seconds),
+        ),
+        not_starting: unstarted >= i64::from(spec.pod_start_timeout_seconds),
+    }
+}
+
+/// Counts a pod placed on `site` by `policy` in the snapshots (a burst never over-commits a site).
+pub fn reserve(snapshots: &mut [SiteSnapshot], site: &str, policy: &str, r: &Resources) {
+    if let Some(s) = snapshots.iter_mut().find(|s| s.name == site) {
+        s.free.subtract(r);
+        s.active_pods += 1;
+        *s.pods_by_policy.entry(policy.to_string()).or_default() += 1;
+    }
+}
+
+/// Counts every assumed pod in the snapshots.
+pub fn reserve_assumed(snapshots: &mut [SiteSnapshot], assumed: &HashMap<String, Assumed>) {
+    for a in assumed.values() {
+        reserve(snapshots, &a.site, &a.policy, &a.requests);
+    }
+}
+
+/// Forgets the assumed pods the cache now shows bound (they count through their Node) or no
+/// longer has; `cached` maps UIDs to whether the cache shows the pod bound.
+pub fn settle_assumed(assumed: &mut HashMap<String, Assumed>, cached: &HashMap<String, bool>) {
+    assumed.retain(|uid, _| cached.get(uid) == Some(&false));
+}
+
+/// Pods by the policy that placed them, from their placement annotation (pods bound some other
+/// way, e.g. interLink-style by kube-scheduler, count for no policy).
+pub fn pods_by_policy(pods: &[Pod]) -> BTreeMap<String, i64> {
+    #[derive(serde::Deserialize)]
+    struct PlacedBy {
+        policy: String,
+    }
+    let mut out = BTreeMap::new();
+    for p in pods {
+        let placed = p
+            .annotations()
+            .get(ANNOTATION_PLACEMENT)
+            .and_then(|a| serde_json::from_str::<PlacedBy>(a).ok());
+        if let Some(PlacedBy { policy }) = placed {
+            *out.entry(policy).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn site_obj() -> OffloadSite {
+        serde_json::from_value(
+            json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
+            "metadata": {"name": "hpc"},
+            "spec": {"endpoint": "https://x", "namespaceSelector": {}, "typicalQueueWaitSeconds": 60},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "PingSucceeded",
+                "message": "", "lastTransitionTime": "2026-12-03T10:00:00Z"}]}}),
+        )
+        .expect("site")
+    }
+
+    fn pod(uid: &str, cpu: &str, phase: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": uid, "uid": uid, "annotations": {
+                "offload.dev/placement": "{\"policy\":\"gpu\"}"}},
+            "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]},
+            "status": {"phase": phase}}))
+        .expect("pod")
+    }
+
+    fn alloc() -> BTreeMap<String, Quantity> {
+        [("cpu", "10"), ("memory", "10Gi"), ("pods", "5")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn a_site_snapshot_counts_its_pods_against_its_node_s_capacity() {
+        let now: jiff::Timestamp = "2026-12-03T10:00:00Z".parse().expect("time");
+        let s = site(
+            &site_obj(),
+            Some(&alloc()),
+            &[pod("a", "2", "Running"), pod("b", "1", "Pending")],
+            now,
+        );
+        assert!(s.ready);
+        assert_eq!((s.free.cpu_milli, s.free.pods, s.active_pods), (7000, 3, 2));
+        assert_eq!(s.pods_by_policy.get("gpu"), Some(&2));
+        let none = site(&site_obj(), None, &[], now);
+        assert_eq!(none.capacity, Resources::default(), "no Node yet: no capacity");
+    }
+
+    #[test]
+    fn assumed_pods_count_until_the_cache_shows_them_bound() {
+        let now: jiff::Timestamp = "2026-12-03T10:00:00Z".parse().expect("time");
+        let mut snaps = vec![site(&site_obj(), Some(&alloc()), &[], now)];
+        let mut assumed = HashMap::from([(
+            "u1".to_string(),
+            Assumed {
+                site: "hpc".into(),
+                policy: "gpu".into(),
+                requests: load::requests(&pod("u1", "4", "Pending")),
+            },
+        )]);
+        reserve_assumed(&mut snaps, &assumed);
+        assert_eq!((snaps[0].free.cpu_milli, snaps[0].free.pods), (6000, 4));
+        settle_assumed(&mut assumed, &HashMap::from([("u1".to_string(), false)]));
+        assert_eq!(assumed.len(), 1, "still pending in the cache: still assumed");
+        settle_assumed(&mut assumed, &HashMap::from([("u1".to_string(), true)]));
+        assert!(
+            assumed.is_empty(),
+            "bound in the cache: counted through its Node now"
+        );
+        assumed.insert("u2".into(), snaps_assumed());
+        settle_assumed(&mut assumed, &HashMap::new());
+        assert!(assumed.is_empty(), "gone from the cache: forgotten");
+    }
+
+    fn snaps_assumed() -> Assumed {
+        Assumed {
+            site: "hpc".into(),
+            policy: "gpu".into(),
+            requests: Resources::default(),
+        }
+    }
+}
