@@ -272,7 +272,11 @@ fn start(
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
-                    if tx.send(Feed::Event(source.clone(), Box::new(event))).await.is_err() {
+                    if tx
+                        .send(Feed::Event(source.clone(), Box::new(event)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

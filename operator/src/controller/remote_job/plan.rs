@@ -380,161 +380,189 @@ fn describe(a: &Attempt) -> String {
     s
 }
 
-/// The decision for `job`, owning `pods`, with the sites as in `sites`, at `now`.
-pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -> Plan {
-    let spec = &job.spec;
-    let old = job.status.clone().unwrap_or_default();
-    let mut st = old.clone();
-    let now_t = Time(now);
-    let generation = job.meta().generation;
-    st.observed_generation = generation;
-    let mut out = Plan::default();
-    let mut wake: Vec<Timestamp> = Vec::new();
+/// The planning of one job: the status being built, the plan, and what the steps share.
+struct Planner<'a> {
+    job: &'a RemoteJob,
+    pods: &'a [Pod],
+    sites: &'a [SiteView],
+    now: Timestamp,
+    generation: Option<i64>,
+    st: RemoteJobStatus,
+    out: Plan,
+    /// Times at which something is due (the requeue is the earliest).
+    wake: Vec<Timestamp>,
+    /// The open attempt and its pod's state, once known.
+    current: Option<(i32, PodState)>,
+}
 
-    // Pods the status does not know yet (made just before a restart): adopt them as attempts.
-    for pod in pods {
-        let Some(index) = attempt_of(pod) else { continue };
-        if st.attempts.iter().all(|a| a.index != index) {
-            st.attempts.push(Attempt {
-                index,
-                site: None,
-                pod: Some(pod.name_any()),
-                remote_id: None,
-                start_time: pod.metadata.creation_timestamp.clone().or(Some(now_t.clone())),
-                finish_time: None,
-                outcome: Some(AttemptOutcome::Running),
-                reason: None,
-                exit_code: None,
-                message: None,
-            });
+impl Planner<'_> {
+    /// Pods the status does not know yet (made just before a restart) become attempts.
+    fn adopt(&mut self) {
+        let pods = self.pods;
+        let now = self.now;
+        let now_t = Time(now);
+        // Pods the status does not know yet (made just before a restart): adopt them as attempts.
+        for pod in pods {
+            let Some(index) = attempt_of(pod) else { continue };
+            if self.st.attempts.iter().all(|a| a.index != index) {
+                self.st.attempts.push(Attempt {
+                    index,
+                    site: None,
+                    pod: Some(pod.name_any()),
+                    remote_id: None,
+                    start_time: pod.metadata.creation_timestamp.clone().or(Some(now_t.clone())),
+                    finish_time: None,
+                    outcome: Some(AttemptOutcome::Running),
+                    reason: None,
+                    exit_code: None,
+                    message: None,
+                });
+            }
         }
+        self.st.attempts.sort_by_key(|a| a.index);
     }
-    st.attempts.sort_by_key(|a| a.index);
-    let done = st.completion_time.is_some();
 
-    // Follow each open attempt's pod.
-    let mut current: Option<(i32, PodState)> = None;
-    for a in st.attempts.iter_mut().filter(|a| is_open(a)) {
-        let Some(pod) = pods.iter().find(|p| attempt_of(p) == Some(a.index)) else {
-            close(
-                a,
-                AttemptOutcome::SiteFailure,
-                "PodDeleted",
-                "the attempt's pod was deleted before it finished".into(),
-                None,
-                now,
-            );
-            out.ended.push(a.clone());
-            continue;
-        };
-        a.pod = Some(pod.name_any());
-        if let Some(site) = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_deref())
-            .and_then(site_of_node)
-        {
-            a.site = Some(site.to_string());
-        }
-        if let Some(id) = pod.annotations().get(ANNOTATION_REMOTE_ID) {
-            a.remote_id = Some(id.clone());
-        }
-        let state = pod_state(pod, now);
-        match &state {
-            PodState::Done {
-                outcome,
-                reason,
-                message,
-                exit_code,
-                at,
-            } => {
+    /// Follows each open attempt's pod: closes it when its pod ended, was deleted, or its site failed.
+    fn follow_open(&mut self) {
+        let job = self.job;
+        let pods = self.pods;
+        let sites = self.sites;
+        let now = self.now;
+        let spec = &job.spec;
+        // Follow each open attempt's pod.
+        let done = self.done();
+        for a in self.st.attempts.iter_mut().filter(|a| is_open(a)) {
+            let Some(pod) = pods.iter().find(|p| attempt_of(p) == Some(a.index)) else {
                 close(
                     a,
-                    *outcome,
-                    reason,
-                    message.clone(),
-                    Some(*exit_code),
-                    at.unwrap_or(now),
+                    AttemptOutcome::SiteFailure,
+                    "PodDeleted",
+                    "the attempt's pod was deleted before it finished".into(),
+                    None,
+                    now,
                 );
-                out.ended.push(a.clone());
+                self.out.ended.push(a.clone());
+                continue;
+            };
+            a.pod = Some(pod.name_any());
+            if let Some(site) = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .and_then(site_of_node)
+            {
+                a.site = Some(site.to_string());
             }
-            PodState::Active {
-                bound_at, waiting, ..
-            } if !done => {
-                let grace = i64::from(spec.site_failure_grace_seconds);
-                let site = a.site.as_ref().and_then(|s| sites.iter().find(|v| &v.name == s));
-                let down_since = site
-                    .filter(|v| !v.ready)
-                    .map(|v| v.not_ready_since.map_or(*bound_at, |t| t.max(*bound_at)));
-                let unavailable = waiting.as_ref().filter(|(r, _)| r == "SiteUnavailable");
-                if let Some(since) = down_since {
-                    let deadline = after(since, grace);
-                    if now >= deadline {
-                        let msg = format!(
-                            "site {} has not been ready for {grace}s",
-                            a.site.as_deref().unwrap_or_default()
-                        );
-                        close(a, AttemptOutcome::SiteFailure, "SiteUnreachable", msg, None, now);
-                        out.ended.push(a.clone());
-                        out.actions.push(Action::DeletePod { name: pod.name_any() });
-                        continue;
-                    }
-                    wake.push(deadline);
-                } else if let Some((_, message)) = unavailable {
-                    let deadline = after(*bound_at, grace);
-                    if now >= deadline {
-                        close(
-                            a,
-                            AttemptOutcome::SiteFailure,
-                            "SiteUnavailable",
-                            message.clone(),
-                            None,
-                            now,
-                        );
-                        out.ended.push(a.clone());
-                        out.actions.push(Action::DeletePod { name: pod.name_any() });
-                        continue;
-                    }
-                    wake.push(deadline);
+            if let Some(id) = pod.annotations().get(ANNOTATION_REMOTE_ID) {
+                a.remote_id = Some(id.clone());
+            }
+            let state = pod_state(pod, now);
+            match &state {
+                PodState::Done {
+                    outcome,
+                    reason,
+                    message,
+                    exit_code,
+                    at,
+                } => {
+                    close(
+                        a,
+                        *outcome,
+                        reason,
+                        message.clone(),
+                        Some(*exit_code),
+                        at.unwrap_or(now),
+                    );
+                    self.out.ended.push(a.clone());
                 }
-                current = Some((a.index, state.clone()));
+                PodState::Active {
+                    bound_at, waiting, ..
+                } if !done => {
+                    let grace = i64::from(spec.site_failure_grace_seconds);
+                    let site = a.site.as_ref().and_then(|s| sites.iter().find(|v| &v.name == s));
+                    let down_since = site
+                        .filter(|v| !v.ready)
+                        .map(|v| v.not_ready_since.map_or(*bound_at, |t| t.max(*bound_at)));
+                    let unavailable = waiting.as_ref().filter(|(r, _)| r == "SiteUnavailable");
+                    if let Some(since) = down_since {
+                        let deadline = after(since, grace);
+                        if now >= deadline {
+                            let msg = format!(
+                                "site {} has not been ready for {grace}s",
+                                a.site.as_deref().unwrap_or_default()
+                            );
+                            close(a, AttemptOutcome::SiteFailure, "SiteUnreachable", msg, None, now);
+                            self.out.ended.push(a.clone());
+                            self.out.actions.push(Action::DeletePod { name: pod.name_any() });
+                            continue;
+                        }
+                        self.wake.push(deadline);
+                    } else if let Some((_, message)) = unavailable {
+                        let deadline = after(*bound_at, grace);
+                        if now >= deadline {
+                            close(
+                                a,
+                                AttemptOutcome::SiteFailure,
+                                "SiteUnavailable",
+                                message.clone(),
+                                None,
+                                now,
+                            );
+                            self.out.ended.push(a.clone());
+                            self.out.actions.push(Action::DeletePod { name: pod.name_any() });
+                            continue;
+                        }
+                        self.wake.push(deadline);
+                    }
+                    self.current = Some((a.index, state.clone()));
+                }
+                PodState::Active { .. } => self.current = Some((a.index, state.clone())),
             }
-            PodState::Active { .. } => current = Some((a.index, state.clone())),
         }
     }
 
-    // Pods of closed attempts that still run (a cancelled or timed-out attempt whose delete was
-    // interrupted) are deleted again.
-    for pod in pods {
-        let closed = attempt_of(pod)
-            .and_then(|i| st.attempts.iter().find(|a| a.index == i))
-            .is_some_and(|a| !is_open(a) && a.outcome != Some(AttemptOutcome::Succeeded));
-        let deleting = pod.metadata.deletion_timestamp.is_some();
-        let name = pod.name_any();
-        if closed
-            && !deleting
-            && !is_finished(pod)
-            && !out.actions.contains(&Action::DeletePod { name: name.clone() })
-        {
-            out.actions.push(Action::DeletePod { name });
+    /// Deletes again the pods of closed attempts that still run (an interrupted delete).
+    fn delete_closed_pods(&mut self) {
+        let pods = self.pods;
+        // Pods of closed attempts that still run (a cancelled or timed-self.out attempt whose delete was
+        // interrupted) are deleted again.
+        for pod in pods {
+            let closed = attempt_of(pod)
+                .and_then(|i| self.st.attempts.iter().find(|a| a.index == i))
+                .is_some_and(|a| !is_open(a) && a.outcome != Some(AttemptOutcome::Succeeded));
+            let deleting = pod.metadata.deletion_timestamp.is_some();
+            let name = pod.name_any();
+            if closed
+                && !deleting
+                && !is_finished(pod)
+                && !self
+                    .out
+                    .actions
+                    .contains(&Action::DeletePod { name: name.clone() })
+            {
+                self.out.actions.push(Action::DeletePod { name });
+            }
         }
     }
 
-    let finish = |st: &mut RemoteJobStatus, out: &mut Plan, ok: bool, reason: &str, message: String| {
-        st.completion_time = Some(now_t.clone());
-        st.phase = Some(if ok {
+    /// Ends the job: its phase, conditions, Event and duration.
+    fn finish(&mut self, ok: bool, reason: &str, message: String) {
+        let (now, generation) = (self.now, self.generation);
+        let now_t = Time(now);
+        self.st.completion_time = Some(now_t.clone());
+        self.st.phase = Some(if ok {
             RemoteJobPhase::Succeeded
         } else {
             RemoteJobPhase::Failed
         });
-        let c = &mut st.conditions;
+        let c = &mut self.st.conditions;
         set_condition(c, "Running", false, "Finished", "", generation, &now_t);
         if ok {
             set_condition(c, "Complete", true, reason, &message, generation, &now_t);
         } else {
             set_condition(c, "Failed", true, reason, &message, generation, &now_t);
         }
-        out.notes.push(Note {
+        self.out.notes.push(Note {
             reason: if ok {
                 Reason::Completed
             } else if reason == "DeadlineExceeded" {
@@ -544,320 +572,407 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
             },
             message,
         });
-        let started = st.start_time.as_ref().map_or(now, |t| t.0);
-        out.finished = Some((ok, now.duration_since(started).as_secs_f64().max(0.0)));
-    };
+        let started = self.st.start_time.as_ref().map_or(now, |t| t.0);
+        self.out.finished = Some((ok, now.duration_since(started).as_secs_f64().max(0.0)));
+    }
 
-    if !done {
-        // Deadline, counted from the first attempt's start.
-        let started = st
-            .attempts
-            .first()
-            .and_then(|a| a.start_time.clone())
-            .or(st.start_time.clone());
-        if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, started.as_ref()) {
-            let deadline = after(start.0, limit);
-            if now >= deadline {
-                let msg = format!("the job ran longer than its activeDeadlineSeconds ({limit}s)");
+    /// Ends the job past its `activeDeadlineSeconds`, counted from the first attempt.
+    fn check_deadline(&mut self) {
+        let job = self.job;
+        let now = self.now;
+        let spec = &job.spec;
+        if !self.done() {
+            // Deadline, counted from the first attempt's start.
+            let started = self
+                .st
+                .attempts
+                .first()
+                .and_then(|a| a.start_time.clone())
+                .or(self.st.start_time.clone());
+            if let (Some(limit), Some(start)) = (spec.active_deadline_seconds, started.as_ref()) {
+                let deadline = after(start.0, limit);
+                if now >= deadline {
+                    let msg = format!("the job ran longer than its activeDeadlineSeconds ({limit}s)");
+                    stop_open(
+                        &mut self.st,
+                        &mut self.out,
+                        AttemptOutcome::DeadlineExceeded,
+                        "DeadlineExceeded",
+                        &msg,
+                        now,
+                    );
+                    self.current = None;
+                    self.finish(false, "DeadlineExceeded", msg);
+                } else {
+                    self.wake.push(deadline);
+                }
+            }
+        }
+    }
+
+    /// Stops the open attempt of a suspended job; notes a resume.
+    fn suspend_or_resume(&mut self) {
+        let job = self.job;
+        let now = self.now;
+        let generation = self.generation;
+        let now_t = Time(now);
+        let spec = &job.spec;
+        if self.st.completion_time.is_none() {
+            let suspended_before = crate::crd::common::is_true(&self.st.conditions, "Suspended");
+            if spec.suspend {
                 stop_open(
-                    &mut st,
-                    &mut out,
-                    AttemptOutcome::DeadlineExceeded,
-                    "DeadlineExceeded",
-                    &msg,
+                    &mut self.st,
+                    &mut self.out,
+                    AttemptOutcome::Cancelled,
+                    "Suspended",
+                    "the job was suspended",
                     now,
                 );
-                current = None;
-                finish(&mut st, &mut out, false, "DeadlineExceeded", msg);
-            } else {
-                wake.push(deadline);
-            }
-        }
-    }
-
-    if st.completion_time.is_none() {
-        let suspended_before = crate::crd::common::is_true(&st.conditions, "Suspended");
-        if spec.suspend {
-            stop_open(
-                &mut st,
-                &mut out,
-                AttemptOutcome::Cancelled,
-                "Suspended",
-                "the job was suspended",
-                now,
-            );
-            current = None;
-            if !suspended_before {
-                out.notes.push(Note {
-                    reason: Reason::Suspended,
-                    message: "job suspended: no attempt runs until it is resumed".into(),
-                });
-            }
-            set_condition(
-                &mut st.conditions,
-                "Suspended",
-                true,
-                "Suspended",
-                "the job is suspended",
-                generation,
-                &now_t,
-            );
-        } else if st.conditions.iter().any(|c| c.type_ == "Suspended") {
-            if suspended_before {
-                out.notes.push(Note {
-                    reason: Reason::Resumed,
-                    message: "job resumed".into(),
-                });
-            }
-            set_condition(
-                &mut st.conditions,
-                "Suspended",
-                false,
-                "Resumed",
-                "",
-                generation,
-                &now_t,
-            );
-        }
-    }
-
-    let last_ended = st.attempts.iter().rev().find(|a| !is_open(a)).cloned();
-    if st.completion_time.is_none() && current.is_none() {
-        let failures = st.attempts.iter().filter(|a| counts_as_failure(a)).count();
-        if let Some(a) = last_ended
-            .as_ref()
-            .filter(|a| a.outcome == Some(AttemptOutcome::Succeeded))
-        {
-            let msg = format!(
-                "attempt {} succeeded at site {}",
-                a.index,
-                a.site.as_deref().unwrap_or("?")
-            );
-            finish(&mut st, &mut out, true, "Succeeded", msg);
-        } else if failures as i64 > i64::from(spec.retry_limit) {
-            let last = st.attempts.iter().rev().find(|a| counts_as_failure(a)).cloned();
-            let reason = outcome_name(last.as_ref().and_then(|a| a.outcome));
-            let msg = format!(
-                "{failures} attempt(s) failed, retry limit {}; the last: {}",
-                spec.retry_limit,
-                last.as_ref().map(describe).unwrap_or_default()
-            );
-            finish(&mut st, &mut out, false, reason, msg);
-        } else if !spec.suspend {
-            let next = st.attempts.iter().map(|a| a.index + 1).max().unwrap_or(0);
-            // A site failure retried at another site goes at once; a retry that may land
-            // where it failed before (an application failure, or no failover) backs off.
-            let fails_over = |a: &Attempt| {
-                a.outcome == Some(AttemptOutcome::SiteFailure)
-                    && a.site.is_some()
-                    && spec.failover
-                    && spec.site.is_none()
-            };
-            let ready_at = match (&last_ended, failures) {
-                (Some(a), f) if f > 0 && counts_as_failure(a) && !fails_over(a) => {
-                    let base = a.finish_time.as_ref().map_or(now, |t| t.0);
-                    Some(after(base, backoff_seconds(spec.backoff_seconds, f)))
-                }
-                _ => None,
-            };
-            match ready_at {
-                Some(t) if now < t => {
-                    wake.push(t);
-                    st.phase = Some(RemoteJobPhase::Pending);
-                    // A stable message (no countdown), so waiting writes nothing.
-                    st.message = Some(format!(
-                        "retrying at {} after {}",
-                        t.round(jiff::Unit::Second).unwrap_or(t),
-                        last_ended.as_ref().map(describe).unwrap_or_default()
-                    ));
-                }
-                _ => {
-                    let exclude: Vec<String> = if spec.failover && spec.site.is_none() {
-                        let mut v: Vec<String> = st
-                            .attempts
-                            .iter()
-                            .filter(|a| a.outcome == Some(AttemptOutcome::SiteFailure))
-                            .filter_map(|a| a.site.clone())
-                            .collect();
-                        v.sort();
-                        v.dedup();
-                        v
-                    } else {
-                        Vec::new()
-                    };
-                    let name = pod_name(&job.name_any(), next);
-                    out.actions.push(Action::CreatePod {
-                        index: next,
-                        exclude: exclude.clone(),
+                self.current = None;
+                if !suspended_before {
+                    self.out.notes.push(Note {
+                        reason: Reason::Suspended,
+                        message: "job suspended: no attempt runs until it is resumed".into(),
                     });
-                    st.attempts.push(Attempt {
-                        index: next,
-                        site: None,
-                        pod: Some(name.clone()),
-                        remote_id: None,
-                        start_time: Some(now_t.clone()),
-                        finish_time: None,
-                        outcome: Some(AttemptOutcome::Running),
-                        reason: None,
-                        exit_code: None,
-                        message: None,
-                    });
-                    let mut msg = format!("attempt {next} created as pod {name}");
-                    if !exclude.is_empty() {
-                        msg.push_str(&format!(", avoiding site(s) {}", exclude.join(", ")));
-                    }
-                    out.notes.push(Note {
-                        reason: Reason::AttemptCreated,
-                        message: msg,
-                    });
-                    current = Some((
-                        next,
-                        PodState::Active {
-                            bound: false,
-                            bound_at: now,
-                            running: false,
-                            waiting: None,
-                            unscheduled: None,
-                        },
-                    ));
-                }
-            }
-        }
-    }
-
-    // Events for the attempts that ended now.
-    for a in &out.ended {
-        let ok = a.outcome == Some(AttemptOutcome::Succeeded);
-        out.notes.insert(
-            0,
-            Note {
-                reason: if ok {
-                    Reason::AttemptSucceeded
-                } else {
-                    Reason::AttemptFailed
-                },
-                message: describe(a),
-            },
-        );
-    }
-
-    // Phase and conditions of the job while it is not finished.
-    if st.completion_time.is_none() {
-        let c = &mut st.conditions;
-        match &current {
-            Some((
-                index,
-                PodState::Active {
-                    bound,
-                    running,
-                    unscheduled,
-                    ..
-                },
-            )) => {
-                let site = st
-                    .attempts
-                    .iter()
-                    .find(|a| a.index == *index)
-                    .and_then(|a| a.site.clone())
-                    .unwrap_or_default();
-                if *bound {
-                    let msg = format!("attempt {index} is at site {site}");
-                    set_condition(c, "Scheduled", true, "Scheduled", &msg, generation, &now_t);
-                } else {
-                    let (reason, msg) = unscheduled.clone().unwrap_or_else(|| {
-                        ("Pending".into(), format!("attempt {index} waits for placement"))
-                    });
-                    let reason = if reason.is_empty() {
-                        "Pending".into()
-                    } else {
-                        reason
-                    };
-                    set_condition(c, "Scheduled", false, &reason, &msg, generation, &now_t);
-                }
-                if *running {
-                    let msg = format!("attempt {index} runs at site {site}");
-                    set_condition(c, "Running", true, "Running", &msg, generation, &now_t);
-                    st.phase = Some(RemoteJobPhase::Running);
-                } else {
-                    set_condition(c, "Running", false, "NotRunning", "", generation, &now_t);
-                    st.phase = Some(if *bound {
-                        RemoteJobPhase::Scheduled
-                    } else {
-                        RemoteJobPhase::Pending
-                    });
-                }
-                st.message = Some(match (bound, running) {
-                    (_, true) => format!("attempt {index} runs at site {site}"),
-                    (true, false) => format!("attempt {index} is queued at site {site}"),
-                    _ => unscheduled
-                        .as_ref()
-                        .map(|(_, m)| format!("attempt {index} waits for placement: {m}"))
-                        .unwrap_or_else(|| format!("attempt {index} waits for placement")),
-                });
-            }
-            _ => {
-                st.phase = Some(RemoteJobPhase::Pending);
-                if spec.suspend {
-                    st.message = Some("suspended".into());
                 }
                 set_condition(
-                    c,
-                    "Scheduled",
-                    false,
-                    "Pending",
-                    "no attempt is placed",
+                    &mut self.st.conditions,
+                    "Suspended",
+                    true,
+                    "Suspended",
+                    "the job is suspended",
                     generation,
                     &now_t,
                 );
-                set_condition(c, "Running", false, "NotRunning", "", generation, &now_t);
+            } else if self.st.conditions.iter().any(|c| c.type_ == "Suspended") {
+                if suspended_before {
+                    self.out.notes.push(Note {
+                        reason: Reason::Resumed,
+                        message: "job resumed".into(),
+                    });
+                }
+                set_condition(
+                    &mut self.st.conditions,
+                    "Suspended",
+                    false,
+                    "Resumed",
+                    "",
+                    generation,
+                    &now_t,
+                );
             }
         }
-    } else {
-        st.message = st
-            .conditions
-            .iter()
-            .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-            .map(|c| c.message.clone());
     }
 
-    // The job's summary fields follow its latest attempt.
-    if st.attempts.len() > KEPT_ATTEMPTS {
-        let drop = st.attempts.len() - KEPT_ATTEMPTS;
-        st.attempts.drain(..drop);
-    }
-    let latest = st.attempts.last().cloned();
-    st.attempt_count = st.attempts.iter().map(|a| a.index + 1).max();
-    st.site = latest.as_ref().and_then(|a| a.site.clone());
-    st.pod = latest.as_ref().and_then(|a| a.pod.clone());
-    st.remote_id = latest.as_ref().and_then(|a| a.remote_id.clone());
-    st.exit_code = st
-        .attempts
-        .iter()
-        .rev()
-        .find(|a| !is_open(a) && a.exit_code.is_some())
-        .and_then(|a| a.exit_code);
-    if st.start_time.is_none() {
-        st.start_time = st.attempts.first().and_then(|a| a.start_time.clone());
-    }
-
-    // Time to live after the end.
-    if let (Some(end), Some(ttl)) = (&st.completion_time, spec.ttl_seconds_after_finished) {
-        let expiry = after(end.0, i64::from(ttl));
-        if now >= expiry {
-            out.actions.push(Action::DeleteJob);
-        } else {
-            wake.push(expiry);
+    /// Ends the job after a success or past the retry limit, else creates the next attempt (after its backoff).
+    fn next_attempt(&mut self) {
+        let job = self.job;
+        let now = self.now;
+        let now_t = Time(now);
+        let spec = &job.spec;
+        let last_ended = self.st.attempts.iter().rev().find(|a| !is_open(a)).cloned();
+        if self.st.completion_time.is_none() && self.current.is_none() {
+            let failures = self.st.attempts.iter().filter(|a| counts_as_failure(a)).count();
+            if let Some(a) = last_ended
+                .as_ref()
+                .filter(|a| a.outcome == Some(AttemptOutcome::Succeeded))
+            {
+                let msg = format!(
+                    "attempt {} succeeded at site {}",
+                    a.index,
+                    a.site.as_deref().unwrap_or("?")
+                );
+                self.finish(true, "Succeeded", msg);
+            } else if failures as i64 > i64::from(spec.retry_limit) {
+                let last = self
+                    .st
+                    .attempts
+                    .iter()
+                    .rev()
+                    .find(|a| counts_as_failure(a))
+                    .cloned();
+                let reason = outcome_name(last.as_ref().and_then(|a| a.outcome));
+                let msg = format!(
+                    "{failures} attempt(s) failed, retry limit {}; the last: {}",
+                    spec.retry_limit,
+                    last.as_ref().map(describe).unwrap_or_default()
+                );
+                self.finish(false, reason, msg);
+            } else if !spec.suspend {
+                let next = self.st.attempts.iter().map(|a| a.index + 1).max().unwrap_or(0);
+                // A site failure retried at another site goes at once; a retry that may land
+                // where it failed before (an application failure, or no failover) backs off.
+                let fails_over = |a: &Attempt| {
+                    a.outcome == Some(AttemptOutcome::SiteFailure)
+                        && a.site.is_some()
+                        && spec.failover
+                        && spec.site.is_none()
+                };
+                let ready_at = match (&last_ended, failures) {
+                    (Some(a), f) if f > 0 && counts_as_failure(a) && !fails_over(a) => {
+                        let base = a.finish_time.as_ref().map_or(now, |t| t.0);
+                        Some(after(base, backoff_seconds(spec.backoff_seconds, f)))
+                    }
+                    _ => None,
+                };
+                match ready_at {
+                    Some(t) if now < t => {
+                        self.wake.push(t);
+                        self.st.phase = Some(RemoteJobPhase::Pending);
+                        // A stable message (no countdown), so waiting writes nothing.
+                        self.st.message = Some(format!(
+                            "retrying at {} after {}",
+                            t.round(jiff::Unit::Second).unwrap_or(t),
+                            last_ended.as_ref().map(describe).unwrap_or_default()
+                        ));
+                    }
+                    _ => {
+                        let exclude: Vec<String> = if spec.failover && spec.site.is_none() {
+                            let mut v: Vec<String> = self
+                                .st
+                                .attempts
+                                .iter()
+                                .filter(|a| a.outcome == Some(AttemptOutcome::SiteFailure))
+                                .filter_map(|a| a.site.clone())
+                                .collect();
+                            v.sort();
+                            v.dedup();
+                            v
+                        } else {
+                            Vec::new()
+                        };
+                        let name = pod_name(&job.name_any(), next);
+                        self.out.actions.push(Action::CreatePod {
+                            index: next,
+                            exclude: exclude.clone(),
+                        });
+                        self.st.attempts.push(Attempt {
+                            index: next,
+                            site: None,
+                            pod: Some(name.clone()),
+                            remote_id: None,
+                            start_time: Some(now_t.clone()),
+                            finish_time: None,
+                            outcome: Some(AttemptOutcome::Running),
+                            reason: None,
+                            exit_code: None,
+                            message: None,
+                        });
+                        let mut msg = format!("attempt {next} created as pod {name}");
+                        if !exclude.is_empty() {
+                            msg.push_str(&format!(", avoiding site(s) {}", exclude.join(", ")));
+                        }
+                        self.out.notes.push(Note {
+                            reason: Reason::AttemptCreated,
+                            message: msg,
+                        });
+                        self.current = Some((
+                            next,
+                            PodState::Active {
+                                bound: false,
+                                bound_at: now,
+                                running: false,
+                                waiting: None,
+                                unscheduled: None,
+                            },
+                        ));
+                    }
+                }
+            }
         }
     }
 
-    let next = wake.into_iter().min().map(|t| until(now, t));
-    out.requeue = match (next, st.completion_time.is_some()) {
+    /// Events for the attempts that ended now, first.
+    fn ended_events(&mut self) {
+        // Events for the attempts that ended now.
+        for a in &self.out.ended {
+            let ok = a.outcome == Some(AttemptOutcome::Succeeded);
+            self.out.notes.insert(
+                0,
+                Note {
+                    reason: if ok {
+                        Reason::AttemptSucceeded
+                    } else {
+                        Reason::AttemptFailed
+                    },
+                    message: describe(a),
+                },
+            );
+        }
+    }
+
+    /// Phase, conditions and message of the job.
+    fn job_conditions(&mut self) {
+        let job = self.job;
+        let now = self.now;
+        let generation = self.generation;
+        let now_t = Time(now);
+        let spec = &job.spec;
+        // Phase and conditions of the job while it is not finished.
+        if self.st.completion_time.is_none() {
+            let c = &mut self.st.conditions;
+            match &self.current {
+                Some((
+                    index,
+                    PodState::Active {
+                        bound,
+                        running,
+                        unscheduled,
+                        ..
+                    },
+                )) => {
+                    let site = self
+                        .st
+                        .attempts
+                        .iter()
+                        .find(|a| a.index == *index)
+                        .and_then(|a| a.site.clone())
+                        .unwrap_or_default();
+                    if *bound {
+                        let msg = format!("attempt {index} is at site {site}");
+                        set_condition(c, "Scheduled", true, "Scheduled", &msg, generation, &now_t);
+                    } else {
+                        let (reason, msg) = unscheduled.clone().unwrap_or_else(|| {
+                            ("Pending".into(), format!("attempt {index} waits for placement"))
+                        });
+                        let reason = if reason.is_empty() {
+                            "Pending".into()
+                        } else {
+                            reason
+                        };
+                        set_condition(c, "Scheduled", false, &reason, &msg, generation, &now_t);
+                    }
+                    if *running {
+                        let msg = format!("attempt {index} runs at site {site}");
+                        set_condition(c, "Running", true, "Running", &msg, generation, &now_t);
+                        self.st.phase = Some(RemoteJobPhase::Running);
+                    } else {
+                        set_condition(c, "Running", false, "NotRunning", "", generation, &now_t);
+                        self.st.phase = Some(if *bound {
+                            RemoteJobPhase::Scheduled
+                        } else {
+                            RemoteJobPhase::Pending
+                        });
+                    }
+                    self.st.message = Some(match (bound, running) {
+                        (_, true) => format!("attempt {index} runs at site {site}"),
+                        (true, false) => format!("attempt {index} is queued at site {site}"),
+                        _ => unscheduled
+                            .as_ref()
+                            .map(|(_, m)| format!("attempt {index} waits for placement: {m}"))
+                            .unwrap_or_else(|| format!("attempt {index} waits for placement")),
+                    });
+                }
+                _ => {
+                    self.st.phase = Some(RemoteJobPhase::Pending);
+                    if spec.suspend {
+                        self.st.message = Some("suspended".into());
+                    }
+                    set_condition(
+                        c,
+                        "Scheduled",
+                        false,
+                        "Pending",
+                        "no attempt is placed",
+                        generation,
+                        &now_t,
+                    );
+                    set_condition(c, "Running", false, "NotRunning", "", generation, &now_t);
+                }
+            }
+        } else {
+            self.st.message = self
+                .st
+                .conditions
+                .iter()
+                .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+                .map(|c| c.message.clone());
+        }
+    }
+
+    /// The summary fields follow the latest attempt; old attempts are dropped.
+    fn summary(&mut self) {
+        // The job's summary fields follow its latest attempt.
+        if self.st.attempts.len() > KEPT_ATTEMPTS {
+            let drop = self.st.attempts.len() - KEPT_ATTEMPTS;
+            self.st.attempts.drain(..drop);
+        }
+        let latest = self.st.attempts.last().cloned();
+        self.st.attempt_count = self.st.attempts.iter().map(|a| a.index + 1).max();
+        self.st.site = latest.as_ref().and_then(|a| a.site.clone());
+        self.st.pod = latest.as_ref().and_then(|a| a.pod.clone());
+        self.st.remote_id = latest.as_ref().and_then(|a| a.remote_id.clone());
+        self.st.exit_code = self
+            .st
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| !is_open(a) && a.exit_code.is_some())
+            .and_then(|a| a.exit_code);
+        if self.st.start_time.is_none() {
+            self.st.start_time = self.st.attempts.first().and_then(|a| a.start_time.clone());
+        }
+    }
+
+    /// Deletes the job once its time to live after the end has passed.
+    fn time_to_live(&mut self) {
+        let job = self.job;
+        let now = self.now;
+        let spec = &job.spec;
+        // Time to live after the end.
+        if let (Some(end), Some(ttl)) = (&self.st.completion_time, spec.ttl_seconds_after_finished) {
+            let expiry = after(end.0, i64::from(ttl));
+            if now >= expiry {
+                self.out.actions.push(Action::DeleteJob);
+            } else {
+                self.wake.push(expiry);
+            }
+        }
+    }
+
+    /// Whether the job had ended before this plan.
+    fn done(&self) -> bool {
+        self.job
+            .status
+            .as_ref()
+            .is_some_and(|s| s.completion_time.is_some())
+    }
+}
+
+/// The decision for `job`, owning `pods`, with the sites as in `sites`, at `now`.
+pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -> Plan {
+    let mut st = job.status.clone().unwrap_or_default();
+    st.observed_generation = job.meta().generation;
+    let mut p = Planner {
+        job,
+        pods,
+        sites,
+        now,
+        generation: job.meta().generation,
+        st,
+        out: Plan::default(),
+        wake: Vec::new(),
+        current: None,
+    };
+    p.adopt();
+    p.follow_open();
+    p.delete_closed_pods();
+    p.check_deadline();
+    p.suspend_or_resume();
+    p.next_attempt();
+    p.ended_events();
+    p.job_conditions();
+    p.summary();
+    p.time_to_live();
+    let next = p.wake.iter().min().map(|t| until(now, *t));
+    let mut out = p.out;
+    out.requeue = match (next, p.st.completion_time.is_some()) {
         (Some(d), _) => Some(d.min(RESYNC)),
         (None, false) => Some(RESYNC),
         (None, true) => None,
     };
     // Conditions keep their transition times; nothing else in the status depends on `now`
     // unless something changed, so an unchanged job writes nothing.
-    out.status = st;
+    out.status = p.st;
     out
 }
