@@ -8,7 +8,7 @@ use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams},
 };
-use offload_operator::crd::OffloadSite;
+use offload_operator::crd::{OffloadPolicy, OffloadSite};
 use serde_json::{Value, json};
 
 use crate::{TestNamespace, operator::TEST_LABEL, wait};
@@ -64,4 +64,228 @@ pub async fn delete_sites(t: &TestNamespace, sites: &Api<OffloadSite>, names: &[
         .await?;
     }
     Ok(())
+}
+
+/// Builds an `OffloadSite` for a scenario: `site("hpc").kind("HPC").gpus("A100", 8).queue(300)`.
+/// Defaults as [`site`]: open to every namespace, large, probed and synced every second.
+#[derive(Clone, Debug)]
+pub struct SiteBuilder {
+    /// Short name (the scenario prefixes it with the test namespace).
+    pub name: String,
+    spec: Value,
+    /// The simulator's queue delay at the start.
+    pub sim_queue_delay: Duration,
+}
+
+/// A [`SiteBuilder`] named `name`.
+pub fn site_builder(name: &str) -> SiteBuilder {
+    SiteBuilder {
+        name: name.into(),
+        spec: json!({"namespaceSelector": {}, "statusSyncIntervalSeconds": 1,
+            "capacity": {"cpu": "1000", "memory": "4Ti", "pods": 5000},
+            "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}}),
+        sim_queue_delay: Duration::ZERO,
+    }
+}
+
+impl SiteBuilder {
+    /// `spec.kind` (`HPC`, `HTC`, `Cloud`, `Kubernetes`).
+    pub fn kind(mut self, kind: &str) -> Self {
+        self.spec["kind"] = kind.into();
+        self
+    }
+
+    /// Adds `count` GPUs of `model` (`nvidia.com/gpu`) with `memory` each.
+    pub fn gpus(mut self, model: &str, count: u32, memory: &str) -> Self {
+        let gpus = &mut self.spec["capacity"]["gpus"];
+        if !gpus.is_array() {
+            *gpus = json!([]);
+        }
+        if let Some(list) = gpus.as_array_mut() {
+            list.push(json!({"model": model, "count": count, "memoryPerGpu": memory}));
+        }
+        self
+    }
+
+    /// `spec.typicalQueueWaitSeconds`.
+    pub fn queue(mut self, seconds: u32) -> Self {
+        self.spec["typicalQueueWaitSeconds"] = seconds.into();
+        self
+    }
+
+    /// `spec.relativeCost`.
+    pub fn cost(mut self, cost: f64) -> Self {
+        self.spec["relativeCost"] = cost.into();
+        self
+    }
+
+    /// Only namespaces with these labels may use the site.
+    pub fn tenants(mut self, labels: &[(&str, &str)]) -> Self {
+        let m: serde_json::Map<String, Value> =
+            labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        self.spec["namespaceSelector"] = json!({"matchLabels": m});
+        self
+    }
+
+    /// `spec.maxConcurrentPods`.
+    pub fn slots(mut self, n: u32) -> Self {
+        self.spec["maxConcurrentPods"] = n.into();
+        self
+    }
+
+    /// `spec.statusSyncIntervalSeconds`.
+    pub fn sync_every(mut self, seconds: u32) -> Self {
+        self.spec["statusSyncIntervalSeconds"] = seconds.into();
+        self
+    }
+
+    /// Any other spec key.
+    pub fn set(mut self, key: &str, value: Value) -> Self {
+        self.spec[key] = value;
+        self
+    }
+
+    /// The simulator holds every pod this long before it starts.
+    pub fn sim_queue_delay(mut self, d: Duration) -> Self {
+        self.sim_queue_delay = d;
+        self
+    }
+
+    /// The object, named `full_name`, labelled for test namespace `ns`, at `endpoint`.
+    pub fn build(&self, ns: &str, full_name: &str, endpoint: &str) -> anyhow::Result<OffloadSite> {
+        let mut spec = self.spec.clone();
+        spec["endpoint"] = endpoint.into();
+        Ok(serde_json::from_value(
+            json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
+            "metadata": {"name": full_name, "labels": {TEST_LABEL: ns}}, "spec": spec}),
+        )?)
+    }
+}
+
+/// Builds an `OffloadPolicy`: `policy("gpu").gpu_models(&["A100"]).weights(60, 10, 10, 20)`.
+#[derive(Clone, Debug)]
+pub struct PolicyBuilder {
+    /// Short name.
+    pub name: String,
+    spec: Value,
+}
+
+/// A [`PolicyBuilder`] named `name`.
+pub fn policy_builder(name: &str) -> PolicyBuilder {
+    PolicyBuilder {
+        name: name.into(),
+        spec: json!({}),
+    }
+}
+
+impl PolicyBuilder {
+    /// `spec.priority`.
+    pub fn priority(mut self, p: i32) -> Self {
+        self.spec["priority"] = p.into();
+        self
+    }
+
+    /// `spec.requirements.gpuModels`.
+    pub fn gpu_models(mut self, models: &[&str]) -> Self {
+        self.spec["requirements"]["gpuModels"] = json!(models);
+        self
+    }
+
+    /// `spec.requirements.minGpuMemory`.
+    pub fn min_gpu_memory(mut self, q: &str) -> Self {
+        self.spec["requirements"]["minGpuMemory"] = q.into();
+        self
+    }
+
+    /// `spec.podRequests.gpus` (`Any`, `Required`, `None`).
+    pub fn pod_gpus(mut self, which: &str) -> Self {
+        self.spec["podRequests"]["gpus"] = which.into();
+        self
+    }
+
+    /// `spec.weights`: queue time, cost, free capacity, GPU fit.
+    pub fn weights(mut self, queue: u32, cost: u32, free: u32, gpu: u32) -> Self {
+        self.spec["weights"] = json!({"queueTime": queue, "cost": cost, "freeCapacity": free, "gpuFit": gpu});
+        self
+    }
+
+    /// The object, named `full_name`, labelled for test namespace `ns`.
+    pub fn build(&self, ns: &str, full_name: &str) -> anyhow::Result<OffloadPolicy> {
+        Ok(serde_json::from_value(
+            json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadPolicy",
+            "metadata": {"name": full_name, "labels": {TEST_LABEL: ns}}, "spec": self.spec}),
+        )?)
+    }
+}
+
+/// Builds a pod for the offload scheduler: `pod("train").policy(p).cpu("2").gpus(1)`.
+#[derive(Clone, Debug)]
+pub struct PodBuilder {
+    name: String,
+    annotations: serde_json::Map<String, Value>,
+    requests: serde_json::Map<String, Value>,
+}
+
+/// A [`PodBuilder`] named `name`, asking for 1 CPU and 1Gi, that runs for an hour at a simulated
+/// site (until deleted).
+pub fn pod_builder(name: &str) -> PodBuilder {
+    PodBuilder {
+        name: name.into(),
+        annotations: [("sitesim.offload.dev/duration-seconds".to_string(), json!("3600"))]
+            .into_iter()
+            .collect(),
+        requests: [
+            ("cpu".to_string(), json!("1")),
+            ("memory".to_string(), json!("1Gi")),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
+impl PodBuilder {
+    /// Names the policy (`offload.dev/policy`).
+    pub fn policy(mut self, full_name: &str) -> Self {
+        self.annotations
+            .insert("offload.dev/policy".into(), full_name.into());
+        self
+    }
+
+    /// How long it runs at a simulated site.
+    pub fn runs_for(mut self, seconds: u32) -> Self {
+        self.annotations.insert(
+            "sitesim.offload.dev/duration-seconds".into(),
+            seconds.to_string().into(),
+        );
+        self
+    }
+
+    /// CPU request.
+    pub fn cpu(mut self, q: &str) -> Self {
+        self.requests.insert("cpu".into(), q.into());
+        self
+    }
+
+    /// `nvidia.com/gpu` request (and limit).
+    pub fn gpus(mut self, n: u32) -> Self {
+        self.requests
+            .insert("nvidia.com/gpu".into(), n.to_string().into());
+        self
+    }
+
+    /// The pod.
+    pub fn build(&self) -> anyhow::Result<Pod> {
+        let limits: serde_json::Map<String, Value> = self
+            .requests
+            .iter()
+            .filter(|(k, _)| k.contains('/'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": self.name, "annotations": self.annotations},
+            "spec": {"schedulerName": "offload-scheduler", "restartPolicy": "Never",
+                     "containers": [{"name": "main", "image": "busybox",
+                                     "resources": {"requests": self.requests, "limits": limits}}]}
+        }))?)
+    }
 }

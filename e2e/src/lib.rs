@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod namespace;
 pub mod operator;
 pub mod prometheus;
+pub mod scenario;
 pub mod wait;
 
 pub use cluster::Cluster;

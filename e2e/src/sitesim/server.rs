@@ -64,6 +64,9 @@ impl Tls {
     }
 }
 
+/// Numbers the default work folders of the simulators of one process.
+static NEXT_SIM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How the simulated site behaves.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -115,7 +118,13 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            work_dir: std::env::temp_dir().join(format!("offload-sitesim-{}", std::process::id())),
+            // One folder per simulator: a simulator that is dropped removes its folder, and must
+            // not take the pods of another one in the same process with it.
+            work_dir: std::env::temp_dir().join(format!(
+                "offload-sitesim-{}-{}",
+                std::process::id(),
+                NEXT_SIM.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )),
             slots: 8,
             queue_delay: Duration::ZERO,
             simulate: false,
@@ -217,6 +226,11 @@ impl SimHandle {
     /// Queues an injected failure.
     pub fn inject(&self, fault: Fault) {
         self.state.lock().faults.push(fault);
+    }
+
+    /// Drops every queued injected failure (requests already held keep their delay).
+    pub fn clear_faults(&self) {
+        self.state.lock().faults.clear();
     }
 
     /// Stops accepting connections for `d` (connections are refused), then comes back.

@@ -189,6 +189,17 @@ pub fn changed(old: Option<&PodStatus>, new: &PodStatus) -> bool {
         s.host_ips = None;
         s.pod_ips = None;
         s.qos_class = None;
+        // The API server answers an unset `lastState` as `{}`: the same thing.
+        for c in s
+            .container_statuses
+            .iter_mut()
+            .flatten()
+            .chain(s.init_container_statuses.iter_mut().flatten())
+        {
+            if c.last_state.as_ref() == Some(&ContainerState::default()) {
+                c.last_state = None;
+            }
+        }
         s
     };
     strip(old).phase != strip(new).phase
@@ -209,6 +220,39 @@ mod tests {
             spec["initContainers"] = serde_json::json!([{"name": "setup", "image": "img"}]);
         }
         serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec})).expect("pod")
+    }
+
+    #[test]
+    fn a_status_as_the_api_server_echoes_it_is_unchanged() {
+        let now = t("2026-12-03T10:00:00Z");
+        let p = pod(false);
+        let r = remote(
+            &[(
+                "a",
+                W {
+                    waiting: Some(StateWaiting {
+                        reason: "ContainerCreating".into(),
+                        message: "queued".into(),
+                    }),
+                    ..Default::default()
+                },
+            )],
+            &[],
+        );
+        let written = map(&p, &r, &now);
+        // What the API server stores and answers: `lastState: {}` where we sent none.
+        let mut echoed = serde_json::to_value(&written).expect("json");
+        for c in echoed["containerStatuses"].as_array_mut().expect("list") {
+            c["lastState"] = serde_json::json!({});
+        }
+        let echoed: PodStatus = serde_json::from_value(echoed).expect("status");
+        let mut again = p.clone();
+        again.status = Some(echoed);
+        let next = map(&again, &r, &t("2026-12-03T10:00:05Z"));
+        assert!(
+            !changed(again.status.as_ref(), &next),
+            "an unchanged site answer must not write the pod again"
+        );
     }
 
     fn t(s: &str) -> Time {

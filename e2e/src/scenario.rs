@@ -1,0 +1,167 @@
+//! One runner for operator scenarios: a test namespace, a running operator, simulated sites and
+//! policies declared with the [`crate::fixtures`] builders, cleanup of everything it made, and the
+//! operator's log tail when the scenario fails.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::PostParams};
+use offload_operator::crd::{OffloadPolicy, OffloadSite};
+use tokio::sync::Mutex;
+
+use crate::{
+    TestNamespace,
+    fixtures::{self, PodBuilder, PolicyBuilder, SiteBuilder},
+    operator::{Operator, TEST_LABEL},
+    sitesim::{SimConfig, SimHandle},
+    wait,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A running scenario (see [`Scenario::run`]).
+pub struct Scenario {
+    /// The test namespace.
+    pub t: TestNamespace,
+    op: Mutex<Operator>,
+    sims: Mutex<Vec<Arc<SimHandle>>>,
+    site_names: Mutex<Vec<String>>,
+    /// Cluster-wide sites, policies, and the namespace's pods.
+    pub sites: Api<OffloadSite>,
+    /// Policies.
+    pub policies: Api<OffloadPolicy>,
+    /// Pods of the test namespace.
+    pub pods: Api<Pod>,
+}
+
+impl Scenario {
+    /// Runs `body` in a new namespace with an operator started for it; afterwards deletes the
+    /// sites (their pods first) while the operator still runs, and on failure prints the
+    /// operator's log tail.
+    pub async fn run<F, Fut>(test: &str, body: F)
+    where
+        F: FnOnce(Arc<Scenario>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        TestNamespace::run(test, |t| async move {
+            let op = Operator::start(t.cluster, &t.name).await?;
+            t.default_service_account().await?;
+            let s = Arc::new(Scenario {
+                sites: Api::all(t.client.clone()),
+                policies: Api::all(t.client.clone()),
+                pods: Api::namespaced(t.client.clone(), &t.name),
+                t,
+                op: Mutex::new(op),
+                sims: Mutex::default(),
+                site_names: Mutex::default(),
+            });
+            let result = body(s.clone()).await;
+            let names = s.site_names.lock().await.clone();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let cleanup = fixtures::delete_sites(&s.t, &s.sites, &refs).await;
+            if result.is_err() || cleanup.is_err() {
+                eprintln!("{}", s.op.lock().await.log_tail(120));
+            }
+            result.and(cleanup)
+        })
+        .await;
+    }
+
+    /// The cluster-wide name of a scenario object (`<namespace>-<name>`).
+    pub fn name(&self, short: &str) -> String {
+        format!("{}-{short}", self.t.name)
+    }
+
+    /// Starts a simulator for the site, creates the site there, and waits until it is Ready.
+    pub async fn site(&self, b: SiteBuilder) -> anyhow::Result<Arc<SimHandle>> {
+        let sim = Arc::new(
+            SimHandle::start(SimConfig {
+                simulate: true,
+                queue_delay: b.sim_queue_delay,
+                ..SimConfig::default()
+            })
+            .await?,
+        );
+        let name = self.name(&b.name);
+        self.sites
+            .create(&PostParams::default(), &b.build(&self.t.name, &name, &sim.url)?)
+            .await
+            .with_context(|| format!("creating site {name}"))?;
+        self.site_names.lock().await.push(name.clone());
+        self.sims.lock().await.push(sim.clone());
+        fixtures::wait_site_ready(&self.sites, &name).await?;
+        Ok(sim)
+    }
+
+    /// Creates the policy; returns its cluster-wide name.
+    pub async fn policy(&self, b: PolicyBuilder) -> anyhow::Result<String> {
+        let name = self.name(&b.name);
+        self.policies
+            .create(&PostParams::default(), &b.build(&self.t.name, &name)?)
+            .await
+            .with_context(|| format!("creating policy {name}"))?;
+        Ok(name)
+    }
+
+    /// Creates the pod and returns the site it was bound to.
+    pub async fn place(&self, b: PodBuilder) -> anyhow::Result<String> {
+        let pod = b.build()?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        self.pods.create(&PostParams::default(), &pod).await?;
+        self.site_of(&name).await
+    }
+
+    /// The site (short name) the pod is bound to, once it is.
+    pub async fn site_of(&self, pod: &str) -> anyhow::Result<String> {
+        let node = wait::until(&format!("pod {pod} to be bound"), TIMEOUT, || async {
+            let p = self.pods.get(pod).await?;
+            Ok::<_, kube::Error>(p.spec.and_then(|s| s.node_name))
+        })
+        .await?;
+        let prefix = format!("offload-{}-", self.t.name);
+        Ok(node.strip_prefix(&prefix).unwrap_or(&node).to_string())
+    }
+
+    /// Waits until the pod runs.
+    pub async fn running(&self, pod: &str, within: Duration) -> anyhow::Result<Pod> {
+        wait::until(&format!("pod {pod} Running"), within, || async {
+            let p = self.pods.get(pod).await?;
+            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            Ok::<_, kube::Error>(running.then_some(p))
+        })
+        .await
+    }
+
+    /// Kills the operator and starts a new one (same namespace and selector).
+    pub async fn restart_operator(&self) -> anyhow::Result<()> {
+        let mut op = self.op.lock().await;
+        op.kill().await;
+        *op = Operator::start(self.t.cluster, &self.t.name).await?;
+        Ok(())
+    }
+
+    /// `offload-operator explain --pod <namespace>/<pod>` as text, limited to this scenario's sites.
+    pub async fn explain(&self, pod: &str) -> anyhow::Result<String> {
+        let bin = crate::cluster::workspace_binary("offload-operator")?;
+        let selector = format!("{TEST_LABEL}={}", self.t.name);
+        let out = tokio::process::Command::new(&bin)
+            .args([
+                "explain",
+                "--pod",
+                &format!("{}/{pod}", self.t.name),
+                "--site-selector",
+                &selector,
+            ])
+            .arg("--kubeconfig")
+            .arg(&self.t.cluster.admin_kubeconfig)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "explain failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}

@@ -1,0 +1,288 @@
+//! Placement scenarios end to end, written with the fixture builders and the one scenario runner:
+//! four sites and four policies placing as docs/placement.md predicts; a site made slow losing
+//! pods and the operator remembering it across a restart; a hanging site delaying no other.
+
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use offload_e2e::{
+    fixtures::{PodBuilder, pod_builder, policy_builder, site_builder},
+    scenario::Scenario,
+    sitesim::{Fault, FaultKind},
+    wait,
+};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+#[tokio::test]
+async fn four_sites_and_four_policies_place_as_the_docs_predict() {
+    Scenario::run("four-sites", |s| async move {
+        s.site(
+            site_builder("a100")
+                .kind("HPC")
+                .gpus("A100", 8, "80Gi")
+                .queue(3600)
+                .cost(1.0)
+                .tenants(&[("hpc-allowed", "true")]),
+        )
+        .await?;
+        s.site(
+            site_builder("h100")
+                .kind("HPC")
+                .gpus("H100", 4, "80Gi")
+                .queue(600)
+                .cost(2.0),
+        )
+        .await?;
+        s.site(site_builder("htc").kind("HTC").queue(300).cost(0.5).slots(50))
+            .await?;
+        s.site(
+            site_builder("t4")
+                .kind("Cloud")
+                .gpus("T4", 8, "16Gi")
+                .queue(30)
+                .cost(10.0),
+        )
+        .await?;
+        let training = s
+            .policy(
+                policy_builder("training")
+                    .priority(100)
+                    .gpu_models(&["A100", "H100"])
+                    .min_gpu_memory("40Gi")
+                    .pod_gpus("Required")
+                    .weights(70, 10, 10, 10),
+            )
+            .await?;
+        let inference = s
+            .policy(
+                policy_builder("inference")
+                    .priority(50)
+                    .gpu_models(&["T4"])
+                    .pod_gpus("Required")
+                    .weights(50, 50, 0, 0),
+            )
+            .await?;
+        let cheap_gpu = s
+            .policy(
+                policy_builder("cheap-gpu")
+                    .gpu_models(&["A100", "H100", "T4"])
+                    .weights(0, 100, 0, 0),
+            )
+            .await?;
+        let cpu_batch = s
+            .policy(policy_builder("cpu-batch").pod_gpus("None").weights(0, 90, 10, 0))
+            .await?;
+        let pod = |name: &str, policy: &str, gpus: u32| {
+            let b: PodBuilder = pod_builder(name).policy(policy);
+            if gpus > 0 { b.gpus(gpus) } else { b }
+        };
+
+        // The namespace may not use the A100 site (tenancy) yet.
+        // Training: A100/H100 only, the A100 site refuses the namespace: H100.
+        ensure!(s.place(pod("train-1", &training, 1)).await? == "h100");
+        let why = s.explain("train-1").await?;
+        ensure!(why.contains("namespace not allowed by the site"), "{why}");
+        ensure!(
+            why.contains("no allowed GPU model for nvidia.com/gpu"),
+            "the T4 and HTC sites: {why}"
+        );
+        // Inference: T4 only.
+        ensure!(s.place(pod("infer-1", &inference, 1)).await? == "t4");
+        // CPU batch: the cheapest site that takes the namespace.
+        ensure!(s.place(pod("batch-1", &cpu_batch, 0)).await? == "htc");
+        // Cheapest GPU site open to the namespace: H100 (2) before T4 (10).
+        ensure!(s.place(pod("cheap-1", &cheap_gpu, 1)).await? == "h100");
+
+        // The namespace may now use the A100 site.
+        let namespaces: kube::Api<Namespace> = kube::Api::all(s.t.client.clone());
+        namespaces
+            .patch(
+                &s.t.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"hpc-allowed": "true"}}})),
+            )
+            .await?;
+        let ready = || async {
+            let ns = namespaces.get(&s.t.name).await?;
+            Ok::<_, kube::Error>(ns.labels().get("hpc-allowed").map(|_| ()))
+        };
+        wait::until("the namespace label", TIMEOUT, ready).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await; // the scheduler's namespace cache
+        // Cheapest GPU site: now the A100 site (1).
+        ensure!(s.place(pod("cheap-2", &cheap_gpu, 1)).await? == "a100");
+        // Training weighs the queue: H100 (600 s) before A100 (3600 s), though A100 is cheaper.
+        ensure!(s.place(pod("train-2", &training, 1)).await? == "h100");
+        let why = s.explain("train-2").await?;
+        ensure!(
+            why.contains("a100") && why.contains("h100") && why.contains("WAIT(s)"),
+            "{why}"
+        );
+
+        // A CPU-only pod naming the GPU training policy is refused, with the reason.
+        s.pods
+            .create(
+                &PostParams::default(),
+                &pod("cpu-in-training", &training, 0).build()?,
+            )
+            .await?;
+        let message = wait::until("the refusal", TIMEOUT, || async {
+            let p: Pod = s.pods.get("cpu-in-training").await?;
+            Ok::<_, kube::Error>(p.status.and_then(|st| st.conditions).and_then(|c| {
+                c.into_iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                    .and_then(|c| c.message)
+            }))
+        })
+        .await?;
+        ensure!(
+            message.contains("it governs only pods that request GPUs"),
+            "{message}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+use kube::ResourceExt;
+
+/// `status.observedQueueWaitSeconds` of a site.
+async fn observed_wait(s: &Scenario, site: &str) -> anyhow::Result<Option<i64>> {
+    let st = s.sites.get(&s.name(site)).await?.status.context("status")?;
+    Ok(st.observed_queue_wait_seconds)
+}
+
+#[tokio::test]
+async fn a_slow_site_loses_pods_and_the_operator_remembers_it_across_a_restart() {
+    Scenario::run("slow-site", |s| async move {
+        // "fast" declares no wait and is preferred until it shows one; "steady" declares 5 s.
+        let fast = s.site(site_builder("fast").kind("Cloud")).await?;
+        s.site(site_builder("steady").kind("Cloud").queue(5)).await?;
+        let queue_only = s
+            .policy(policy_builder("queue-only").weights(100, 0, 0, 0))
+            .await?;
+        let pod = |name: &str| pod_builder(name).policy(&queue_only);
+        ensure!(s.place(pod("p0")).await? == "fast");
+        s.running("p0", TIMEOUT).await?;
+        // The site slows down: its pods now wait 40 s before they start.
+        fast.set_queue_delay(Duration::from_secs(40));
+        ensure!(s.place(pod("p1")).await? == "fast", "no wait observed yet");
+        // While p1 waits, the site's unstarted pod raises its expected wait past steady's 5 s.
+        let moved = wait::until("a pod placed away from the slow site", TIMEOUT, || async {
+            let name = format!("probe-{}", jiff::Timestamp::now().as_second());
+            let site = s.place(pod(&name)).await.map_err(|e| e.to_string())?;
+            if site == "steady" {
+                Ok(Some(name))
+            } else {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, String>(None)
+            }
+        })
+        .await?;
+        eprintln!("first pod placed away from the slow site: {moved}");
+        // p1's start is one sample of 40 s: the observed wait (EWMA 0.2) passes 5 s.
+        s.running("p1", Duration::from_secs(120)).await?;
+        let before = wait::until("the slow site's observed wait", TIMEOUT, || async {
+            let w = observed_wait(&s, "fast").await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(w.filter(|w| *w > 5))
+        })
+        .await?;
+        // Without pods waiting there, only the observed wait speaks against the slow site: a
+        // restart that forgot it would see a site with no wait at all and choose it again.
+        for p in s.pods.list(&Default::default()).await?.items {
+            let name = p.name_any();
+            if name.starts_with("probe-") && name != moved {
+                s.pods
+                    .delete(&name, &kube::api::DeleteParams::default().grace_period(0))
+                    .await?;
+            }
+        }
+        // Restart: the observed wait is read back from the site's status, not forgotten.
+        s.restart_operator().await?;
+        offload_e2e::fixtures::wait_site_ready(&s.sites, &s.name("fast")).await?;
+        ensure!(
+            observed_wait(&s, "fast").await? == Some(before),
+            "the persisted wait survives the restart"
+        );
+        ensure!(s.place(pod("after-restart")).await? == "steady");
+        let why = s.explain("after-restart").await?;
+        eprintln!("{why}");
+        ensure!(why.contains("chosen: ") && why.contains("steady"), "{why}");
+        Ok(())
+    })
+    .await;
+}
+
+/// Seconds from the site's `startedAt` of the pod's container to the pod's `Ready` transition:
+/// how long the operator took to report what the site said.
+fn report_lag(p: &Pod) -> Option<i64> {
+    let st = p.status.as_ref()?;
+    let started = st
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .running
+        .as_ref()?
+        .started_at
+        .as_ref()?
+        .0;
+    let ready = st
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    Some(
+        ready
+            .last_transition_time
+            .as_ref()?
+            .0
+            .duration_since(started)
+            .as_secs(),
+    )
+}
+
+#[tokio::test]
+async fn a_hanging_site_delays_no_other_site_s_status() {
+    Scenario::run("hanging-site", |s| async move {
+        let interval = 2;
+        let hanging = s.site(site_builder("hanging").sync_every(interval)).await?;
+        s.site(site_builder("healthy").sync_every(interval)).await?;
+        let (hang_to, heal_to) = (s.name("hanging"), s.name("healthy"));
+        let pinned = |name: &str, site: &str| {
+            let mut p = pod_builder(name).build().expect("pod");
+            p.metadata.annotations.get_or_insert_default().insert("offload.dev/site".into(), site.into());
+            p
+        };
+        s.pods.create(&PostParams::default(), &pinned("h-0", &hang_to)).await?;
+        s.running("h-0", TIMEOUT).await?;
+        // The hanging site answers nothing for 60 s: every request is held that long.
+        hanging.inject(Fault { op: "*".into(), kind: FaultKind::Delay { millis: 60_000 }, count: 10_000 });
+        let hang_started = std::time::Instant::now();
+        let mut lags = Vec::new();
+        for i in 0..5 {
+            let name = format!("ok-{i}");
+            s.pods.create(&PostParams::default(), &pinned(&name, &heal_to)).await?;
+            let p = s.running(&name, TIMEOUT).await?;
+            let lag = report_lag(&p).context("timestamps")?;
+            lags.push(lag);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let during = hang_started.elapsed();
+        hanging.clear_faults();
+        eprintln!("healthy site's report lags while the other hangs ({during:?}): {lags:?} s (interval {interval} s)");
+        ensure!(during < Duration::from_secs(60), "the measurement ran within the hang");
+        // Timestamps have one-second resolution: one interval plus that rounding.
+        let worst = lags.iter().max().copied().unwrap_or_default();
+        ensure!(worst <= i64::from(interval) + 1, "a status was delayed {worst} s, more than one interval");
+        Ok(())
+    })
+    .await;
+}
