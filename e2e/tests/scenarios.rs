@@ -286,3 +286,52 @@ async fn a_hanging_site_delays_no_other_site_s_status() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_pod_whose_token_expires_while_it_runs_gets_a_warning() {
+    Scenario::run("token-expiry", |s| async move {
+        s.site(site_builder("site")).await?;
+        // A projected token valid for the API server's minimum, 10 minutes: the site cannot be
+        // given a new one (interLink has no update path), so the operator warns at once.
+        let mut pod = pod_builder("short-token").build()?;
+        let spec = pod.spec.as_mut().context("spec")?;
+        spec.volumes = Some(vec![serde_json::from_value(
+            json!({"name": "token", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 600, "audience": "vault"}}]}}),
+        )?]);
+        spec.containers[0].volume_mounts = Some(vec![serde_json::from_value(
+            json!({"name": "token", "mountPath": "/var/run/token"}),
+        )?]);
+        s.pods.create(&PostParams::default(), &pod).await?;
+        let p = s.running("short-token", TIMEOUT).await?;
+        let expires = p
+            .annotations()
+            .get("offload.dev/token-expires")
+            .cloned()
+            .context("token-expires annotation")?;
+        let at: jiff::Timestamp = expires.parse()?;
+        let left = at.duration_since(jiff::Timestamp::now()).as_secs();
+        ensure!(
+            (0..=600).contains(&left),
+            "the token expires in {left}s, not within its 600 s"
+        );
+        let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(s.t.client.clone(), &s.t.name);
+        let note = wait::until("a TokenExpiring Event", TIMEOUT, || async {
+            let list = events.list(&Default::default()).await?;
+            Ok::<_, kube::Error>(
+                list.items
+                    .into_iter()
+                    .find(|e| {
+                        e.reason.as_deref() == Some("TokenExpiring")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("short-token")
+                    })
+                    .and_then(|e| e.note),
+            )
+        })
+        .await?;
+        ensure!(note.contains(&expires) && note.contains("cannot"), "{note}");
+        Ok(())
+    })
+    .await;
+}

@@ -41,6 +41,10 @@ pub const ANNOTATION_PLACEMENT: &str = "offload.dev/placement";
 /// restart it says a create may have reached the site unrecorded, so the operator gives the site
 /// time to show the pod (some sites show new pods only seconds later) before sending it again.
 pub const ANNOTATION_CREATE_SENT: &str = "offload.dev/create-sent";
+/// Pod annotation written by the operator: when the earliest service-account token it sent to the
+/// site with the pod expires (RFC 3339). interLink has no way to refresh a running pod's files
+/// (docs/adr/0005), so a `TokenExpiring` Warning Event says so before that time.
+pub const ANNOTATION_TOKEN_EXPIRES: &str = "offload.dev/token-expires";
 /// Pod annotation: comma-separated sites the pod must not be placed at (set by the RemoteJob
 /// controller on a retry after site failures, so the retry fails over).
 pub const ANNOTATION_EXCLUDE_SITES: &str = "offload.dev/exclude-sites";

@@ -13,7 +13,12 @@ use crate::interlink::wire::PodCreateRequests;
 
 /// Every ConfigMap and Secret the pod mounts or reads in env, in full; projected and downwardAPI
 /// volumes as ConfigMaps named after the volume, as interLink sends them.
-pub async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, String> {
+/// What `/create` carries for `pod`, and when the earliest service-account token in it expires.
+pub async fn gather(
+    client: &Client,
+    pod: &Pod,
+) -> Result<(PodCreateRequests, Option<jiff::Timestamp>), String> {
+    let mut expires: Option<jiff::Timestamp> = None;
     let ns = pod.namespace().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
     let (mut cm_names, mut secret_names) = (Vec::<String>::new(), Vec::<String>::new());
@@ -39,7 +44,11 @@ pub async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, Str
                     }
                 }
                 if let Some(tok) = &src.service_account_token {
-                    data.insert(tok.path.clone(), token(client, pod, tok).await?);
+                    let t = token(client, pod, tok).await?;
+                    if let Some(at) = super::token::expiry(&t) {
+                        expires = Some(expires.map_or(at, |e| e.min(at)));
+                    }
+                    data.insert(tok.path.clone(), t);
                 }
                 if let Some(d) = &src.downward_api {
                     for item in d.items.iter().flatten() {
@@ -87,13 +96,14 @@ pub async fn gather(client: &Client, pod: &Pod) -> Result<PodCreateRequests, Str
     for n in &secret_names {
         secrets.push(get::<Secret>(client, &ns, n).await?);
     }
-    Ok(PodCreateRequests {
+    let request = PodCreateRequests {
         pod: pod.clone(),
         configmaps,
         secrets,
         projectedvolumesmaps: projected,
         jobscript_url: String::new(),
-    })
+    };
+    Ok((request, expires))
 }
 
 /// A service-account token requested for the pod (bound to it, as a kubelet requests it).

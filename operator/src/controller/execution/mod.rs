@@ -5,6 +5,7 @@
 pub mod decide;
 mod gather;
 mod sync;
+pub mod token;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,7 +24,7 @@ use serde_json::json;
 
 use self::decide::{Facts, Step};
 use super::{Context, Error, backoff::Backoff, events::Reason, node, site_client, written::WrittenStatuses};
-use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, OffloadSite};
+use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, ANNOTATION_TOKEN_EXPIRES, OffloadSite};
 
 const CONTROLLER: &str = "pod";
 
@@ -45,6 +46,8 @@ struct Ctx {
     tracked: Mutex<HashMap<String, HashMap<String, Arc<Pod>>>>,
     /// Per site, UIDs `delete` already deleted there (the sweep skips them).
     deleted_at_site: Mutex<HashMap<String, HashSet<String>>>,
+    /// Per site, pods already warned about an expiring token (`TokenExpiring`), by UID.
+    token_warned: Mutex<HashMap<String, HashSet<String>>>,
 }
 
 /// Runs the execution controller and the per-site status sync until the process ends.
@@ -58,6 +61,7 @@ pub async fn run(shared: Arc<Context>) {
         written: Mutex::default(),
         tracked: Mutex::default(),
         deleted_at_site: Mutex::default(),
+        token_warned: Mutex::default(),
     });
     tokio::spawn(sync::sync_forever(ctx.clone()));
     controller
@@ -130,7 +134,7 @@ async fn create(
     let shared = &ctx.shared;
     let ns = pod.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
-    let request = match gather::gather(&shared.client, pod).await {
+    let (request, token_expires) = match gather::gather(&shared.client, pod).await {
         Ok(r) => r,
         Err(message) => {
             waiting(shared, pod, "CreateContainerConfigError", &message).await?;
@@ -166,7 +170,11 @@ async fn create(
     match outcome {
         Ok(jid) => {
             tracing::info!(pod = %pod.name_any(), namespace = %ns, site, job = %jid, "created at the site");
-            let patch = json!({"metadata": {"annotations": {ANNOTATION_REMOTE_ID: jid}}});
+            let mut annotations = json!({ANNOTATION_REMOTE_ID: jid});
+            if let Some(at) = token_expires {
+                annotations[ANNOTATION_TOKEN_EXPIRES] = at.to_string().into();
+            }
+            let patch = json!({"metadata": {"annotations": annotations}});
             pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
             ctx.created

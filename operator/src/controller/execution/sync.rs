@@ -9,16 +9,16 @@ use std::{
 
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
     runtime::reflector::Store,
 };
 use serde_json::json;
 
-use super::{Ctx, delete_at_site, fail};
+use super::{Ctx, delete_at_site, fail, token};
 use crate::{
     controller::{events::Reason, load, node::node_name, site_client, status_map, written::WrittenStatuses},
-    crd::{ANNOTATION_REMOTE_ID, OffloadSite},
+    crd::{ANNOTATION_REMOTE_ID, ANNOTATION_TOKEN_EXPIRES, OffloadSite},
     interlink::{Error as SiteError, wire::PodStatus},
 };
 
@@ -215,6 +215,12 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         drop(missing);
         let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
         written.entry(name.clone()).or_default().retain(&uids);
+        drop(written);
+        let mut warned = ctx.token_warned.lock().unwrap_or_else(|p| p.into_inner());
+        warned
+            .entry(name.clone())
+            .or_default()
+            .retain(|u| uids.contains(u));
     }
     let patched = apply_answers(ctx, &name, &active, &statuses, &now).await;
     tracing::debug!(site = %name, pods = active.len(), answered = statuses.len(), patched, took = ?start.elapsed(), "status synced");
@@ -255,6 +261,7 @@ async fn apply_answers(ctx: &Ctx, name: &str, active: &[Pod], statuses: &[PodSta
             continue;
         };
         ctx.missing.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+        warn_token(ctx, pod, name, &uid, now).await;
         // Compared with what the API server has, which may be newer than the cache.
         let current = written_for(ctx, name, |w| w.current(pod));
         let new = status_map::map(&current, remote, now);
@@ -278,6 +285,39 @@ async fn apply_answers(ctx: &Ctx, name: &str, active: &[Pod], statuses: &[PodSta
         }
     }
     patched
+}
+
+/// A `TokenExpiring` Warning, once per pod, when a token sent with it expires within
+/// [`token::WARN_BEFORE`] (interLink cannot refresh it; docs/adr/0005).
+async fn warn_token(ctx: &Ctx, pod: &Pod, site: &str, uid: &str, now: &Time) {
+    let Some(expires) = pod
+        .annotations()
+        .get(ANNOTATION_TOKEN_EXPIRES)
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+    else {
+        return;
+    };
+    if !token::due(expires, now.0) {
+        return;
+    }
+    let first = ctx
+        .token_warned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(site.to_string())
+        .or_default()
+        .insert(uid.to_string());
+    if !first {
+        return;
+    }
+    let note = format!(
+        "the service-account token sent to site {site} with this pod expires at {expires}; interLink cannot \
+         refresh a running pod's files, so the pod loses its Kubernetes API identity then (docs/adr/0005)"
+    );
+    ctx.shared
+        .events
+        .publish(&pod.object_ref(&()), Reason::TokenExpiring, &note, "Offload")
+        .await;
 }
 
 fn written_for<T>(ctx: &Ctx, site: &str, f: impl FnOnce(&mut WrittenStatuses) -> T) -> T {
