@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod fixtures;
 pub mod namespace;
 pub mod operator;
+pub mod pki;
 pub mod prometheus;
 pub mod scenario;
 pub mod wait;

@@ -75,14 +75,23 @@ impl Scenario {
 
     /// Starts a simulator for the site, creates the site there, and waits until it is Ready.
     pub async fn site(&self, b: SiteBuilder) -> anyhow::Result<Arc<SimHandle>> {
-        let sim = Arc::new(
-            SimHandle::start(SimConfig {
-                simulate: true,
-                queue_delay: b.sim_queue_delay,
-                ..SimConfig::default()
-            })
-            .await?,
-        );
+        self.site_with(b, |_| {}).await
+    }
+
+    /// [`Scenario::site`] with the simulator's configuration changed by `configure` first (TLS,
+    /// a required token).
+    pub async fn site_with(
+        &self,
+        b: SiteBuilder,
+        configure: impl FnOnce(&mut SimConfig),
+    ) -> anyhow::Result<Arc<SimHandle>> {
+        let mut config = SimConfig {
+            simulate: true,
+            queue_delay: b.sim_queue_delay,
+            ..SimConfig::default()
+        };
+        configure(&mut config);
+        let sim = Arc::new(SimHandle::start(config).await?);
         let name = self.name(&b.name);
         self.sites
             .create(&PostParams::default(), &b.build(&self.t.name, &name, &sim.url)?)
@@ -131,6 +140,12 @@ impl Scenario {
             Ok::<_, kube::Error>(running.then_some(p))
         })
         .await
+    }
+
+    /// The operator's log so far.
+    pub async fn operator_log(&self) -> String {
+        let path = self.op.lock().await.log.clone();
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// Kills the operator and starts a new one (same namespace and selector).

@@ -4,12 +4,12 @@
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use offload_e2e::sitesim::{
-    self, FaultKind, GpuSpec, SimConfig, SimHandle, Tls,
+    self, FaultKind, GpuSpec, SimConfig, SimHandle,
     faults::{Fault, delay, slow_answer, status},
 };
 use offload_operator::interlink::{
@@ -488,112 +488,10 @@ async fn wrong_or_missing_token_is_unauthorized() {
     assert_eq!(sim.stats().unauthorized, 2);
 }
 
-/// A CA and a server certificate for 127.0.0.1, made with openssl.
-fn make_tls(dir: &Path) -> (std::path::PathBuf, Tls) {
-    std::fs::create_dir_all(dir).expect("dir");
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sitesim-test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "site.key",
-        "-out",
-        "site.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("site.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "site.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "site.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "site.ext",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=offload-operator",
-    ]);
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "client.ext",
-    ]);
-    let tls = Tls {
-        cert: dir.join("site.crt"),
-        key: dir.join("site.key"),
-        client_ca: None,
-    };
-    (dir.join("ca.crt"), tls)
-}
-
 #[tokio::test]
 async fn tls_is_verified_against_the_configured_ca() {
     let dir = work_dir("tls-pki");
-    let (ca, tls) = make_tls(&dir);
+    let (ca, tls) = offload_e2e::pki::make_tls(&dir);
     let sim = start_sim("tls", |c| c.tls = Some(tls)).await;
     assert!(sim.url.starts_with("https://"));
     let one = RetryPolicy {
@@ -770,7 +668,7 @@ async fn simulated_pods_take_exit_codes_from_annotations_and_env() {
 #[tokio::test]
 async fn mutual_tls_requires_the_client_certificate() {
     let dir = work_dir("mtls-pki");
-    let (ca, mut tls) = make_tls(&dir);
+    let (ca, mut tls) = offload_e2e::pki::make_tls(&dir);
     tls.client_ca = Some(ca.clone());
     let sim = start_sim("mtls", |c| c.tls = Some(tls)).await;
     let ca_pem = std::fs::read(&ca).expect("ca");

@@ -335,3 +335,81 @@ async fn a_pod_whose_token_expires_while_it_runs_gets_a_warning() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn credentials_come_from_secrets_and_config_maps_and_a_rotated_token_is_used_at_once() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    Scenario::run("credentials", |s| async move {
+        // Mutual TLS: the site's CA from a ConfigMap, the client certificate from a TLS Secret,
+        // the bearer token from a Secret; all in the operator's namespace.
+        let dir = s.t.cluster.dir.join(format!("pki-{}", s.t.name));
+        let (ca, mut tls) = offload_e2e::pki::make_tls(&dir);
+        tls.client_ca = Some(ca.clone());
+        let (first, second) = (format!("tok-{}-a1", s.t.name), format!("tok-{}-b2", s.t.name));
+        let pp = PostParams::default();
+        let secrets: kube::Api<Secret> = kube::Api::namespaced(s.t.client.clone(), &s.t.name);
+        let maps: kube::Api<ConfigMap> = kube::Api::namespaced(s.t.client.clone(), &s.t.name);
+        maps.create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": "site-ca"},
+            "data": {"ca.crt": std::fs::read_to_string(&ca)?}}))?,
+        )
+        .await?;
+        secrets
+            .create(
+                &pp,
+                &serde_json::from_value(json!({"metadata": {"name": "site-client"},
+            "type": "kubernetes.io/tls", "stringData": {
+                "tls.crt": std::fs::read_to_string(dir.join("client.crt"))?,
+                "tls.key": std::fs::read_to_string(dir.join("client.key"))?}}))?,
+            )
+            .await?;
+        secrets
+            .create(
+                &pp,
+                &serde_json::from_value(json!({"metadata": {"name": "site-token"},
+            "stringData": {"token": first.clone()}}))?,
+            )
+            .await?;
+        let auth = json!({"bearerToken": {"name": "site-token", "key": "token"},
+            "caBundle": {"configMap": {"name": "site-ca", "key": "ca.crt"}},
+            "clientCertificate": {"secretName": "site-client"}});
+        let token = first.clone();
+        let sim = s
+            .site_with(site_builder("secure").set("auth", auth), move |c| {
+                c.tls = Some(tls);
+                c.token = Some(token);
+            })
+            .await?;
+        ensure!(sim.url.starts_with("https://"));
+        ensure!(s.place(pod_builder("before")).await? == "secure");
+        s.running("before", TIMEOUT).await?;
+
+        // Rotation: the site now accepts only the new token, and the Secret holds it.
+        sim.set_token(Some(second.clone()));
+        secrets
+            .patch(
+                "site-token",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"stringData": {"token": second.clone()}})),
+            )
+            .await?;
+        // The next requests carry the new token: the site stays or becomes Ready again, and a
+        // pod created now is created and synced with it.
+        ensure!(s.place(pod_builder("after")).await? == "secure");
+        s.running("after", TIMEOUT).await?;
+        let rejected = sim.stats().unauthorized;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(
+            sim.stats().unauthorized == rejected,
+            "requests after the rotation still carry the old token"
+        );
+        let log = s.operator_log().await;
+        ensure!(
+            !log.contains(&first) && !log.contains(&second),
+            "a token was logged"
+        );
+        Ok(())
+    })
+    .await;
+}

@@ -255,6 +255,12 @@ impl SimHandle {
         self.state.lock().queue_delay = Some(d);
     }
 
+    /// Accepts only this bearer token from now on (`None`: any), as a site whose credential was
+    /// rotated.
+    pub fn set_token(&self, token: Option<String>) {
+        self.state.lock().token = Some(token);
+    }
+
     /// Number of pods the site knows.
     pub fn pod_count(&self) -> usize {
         self.state.lock().pods.len()
@@ -360,7 +366,13 @@ async fn gate(AxState(app): AxState<App>, req: Request, next: Next) -> Response 
     if !app.config.latency.is_zero() {
         tokio::time::sleep(app.config.latency).await;
     }
-    if let Some(token) = &app.config.token {
+    let required = app
+        .state
+        .lock()
+        .token
+        .clone()
+        .unwrap_or_else(|| app.config.token.clone());
+    if let Some(token) = &required {
         let sent = req
             .headers()
             .get(header::AUTHORIZATION)

@@ -114,6 +114,8 @@ pub(crate) fn waiting(reason: &str, message: &str) -> ContainerState {
 pub(crate) struct Inner {
     /// Replaces `SimConfig::queue_delay` for pods created from now on (`/debug/queue-delay`).
     pub queue_delay: Option<std::time::Duration>,
+    /// Replaces `SimConfig::token` from now on (a rotated credential).
+    pub token: Option<Option<String>>,
     pub pods: HashMap<String, SimPod>,
     pub stats: Stats,
     pub faults: Faults,
@@ -132,6 +134,7 @@ impl State {
         State {
             inner: Arc::new(Mutex::new(Inner {
                 queue_delay: None,
+                token: None,
                 pods: HashMap::new(),
                 stats: Stats::default(),
                 faults: Faults::default(),
