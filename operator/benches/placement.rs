@@ -40,6 +40,7 @@ fn sites(n: usize) -> Vec<SiteSnapshot> {
                     resource: "nvidia.com/gpu".into(),
                     model: "A100".into(),
                     memory_bytes: Some(80 * GI),
+                    free: 8,
                 }],
                 expected_wait_seconds: (i as i64 * 311) % 7200,
                 not_starting: false,

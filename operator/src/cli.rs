@@ -260,6 +260,9 @@ async fn explain(
         Some(site) => println!("chosen: {site}"),
         None => println!("chosen: none (the pod would stay Pending)"),
     }
+    for (resource, model) in &decision.gpu_models {
+        println!("gpu model: {model} ({resource})");
+    }
     if !decision.ranking.is_empty() {
         println!(
             "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",

@@ -1,8 +1,10 @@
 //! Filters, scores and strategies.
 
-use std::cmp::Reverse;
+use std::{cmp::Reverse, collections::BTreeMap};
 
-use super::{Decision, PodNeeds, PolicyView, Ranked, Rejection, Rejections, SiteSnapshot, selector};
+use super::{
+    Decision, GpuOffer, PodNeeds, PolicyView, Ranked, Rejection, Rejections, SiteSnapshot, selector,
+};
 use crate::crd::policy::Strategy;
 
 /// Chooses a site for the pod. `exclude` lists sites that failed this workload before (failover).
@@ -38,6 +40,9 @@ pub fn place(pod: &PodNeeds, policy: &PolicyView, sites: &[SiteSnapshot], exclud
         }
     }
     decision.chosen = ranking.first().map(|(r, _)| r.site.clone());
+    if let Some((_, site)) = ranking.first() {
+        decision.gpu_models = gpu_models(pod, policy, site);
+    }
     decision.ranking = ranking.into_iter().map(|(r, _)| r).collect();
     decision
 }
@@ -149,6 +154,55 @@ pub(crate) fn filters(
             count,
             site.free.gpus.get(resource).copied().unwrap_or(0),
         ));
+        // Counted per model too: free GPUs of a model the policy does not allow do not help.
+        let usable = usable(policy, &allowed.iter().map(|g| **g).collect::<Vec<_>>());
+        let best = usable.iter().map(|g| g.free).max().unwrap_or(0);
+        if best < count && site.free.gpus.get(resource).copied().unwrap_or(0) >= count {
+            let models: Vec<&str> = usable.iter().map(|g| g.model.as_str()).collect();
+            out.push(Rejection::Insufficient {
+                resource: format!("{resource} ({})", models.join(", ")),
+                needed: count,
+                free: best,
+            });
+        }
+    }
+    out
+}
+
+/// The offers of one resource a policy may use: an allowed model with enough memory per GPU.
+fn usable<'a>(policy: &PolicyView, allowed: &[&'a GpuOffer]) -> Vec<&'a GpuOffer> {
+    allowed
+        .iter()
+        .filter(|g| {
+            policy
+                .min_gpu_memory_bytes
+                .is_none_or(|min| g.memory_bytes.is_some_and(|m| m >= min))
+        })
+        .copied()
+        .collect()
+}
+
+/// For each GPU resource the pod requests, the model it uses at `site`: the usable model with the
+/// fewest free GPUs that still fit it (least waste), ties by name.
+pub fn gpu_models(pod: &PodNeeds, policy: &PolicyView, site: &SiteSnapshot) -> BTreeMap<String, String> {
+    let req = &policy.requirements;
+    let mut out = BTreeMap::new();
+    for (resource, &count) in pod.requests.gpus.iter().filter(|(_, c)| **c > 0) {
+        let allowed: Vec<&GpuOffer> = site
+            .gpus
+            .iter()
+            .filter(|g| &g.resource == resource)
+            .filter(|g| {
+                req.gpu_models.is_empty() || req.gpu_models.iter().any(|m| m.eq_ignore_ascii_case(&g.model))
+            })
+            .collect();
+        let best = usable(policy, &allowed)
+            .into_iter()
+            .filter(|g| g.free >= count)
+            .min_by(|a, b| (a.free, &a.model).cmp(&(b.free, &b.model)));
+        if let Some(g) = best {
+            out.insert(resource.clone(), g.model.clone());
+        }
     }
     out
 }

@@ -10,7 +10,7 @@ pub mod selector;
 
 use std::collections::BTreeMap;
 
-pub use engine::place;
+pub use engine::{gpu_models, place};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,10 @@ pub struct GpuOffer {
     pub model: String,
     /// Memory of one GPU, in bytes, when declared.
     pub memory_bytes: Option<i64>,
+    /// GPUs of this model not used by pods placed on it (declared count minus the pods whose
+    /// placement recorded this model); pods with no recorded model count only against the
+    /// resource's total in [`SiteSnapshot::free`].
+    pub free: i64,
 }
 
 /// A site as the engine sees it, built from its spec and observed state.
@@ -264,6 +268,10 @@ pub struct Decision {
     pub ranking: Vec<Ranked>,
     /// Every other site with every reason it failed, by site name.
     pub rejected: BTreeMap<String, Rejections>,
+    /// The GPU model the pod uses at the chosen site, by GPU resource name (GPUs are counted
+    /// per model: a site with 8 A100 and 8 T4 takes 8 A100 pods, not 16).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gpu_models: BTreeMap<String, String>,
 }
 
 /// Every reason one site was rejected, in filter order (never empty in a [`Decision`]).

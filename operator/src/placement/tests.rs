@@ -51,6 +51,7 @@ fn gpu_site(name: &str, model: &str, count: i64, mem_gi: i64) -> SiteSnapshot {
         resource: "nvidia.com/gpu".into(),
         model: model.into(),
         memory_bytes: Some(mem_gi * GI),
+        free: count,
     }];
     s
 }
@@ -627,4 +628,68 @@ proptest! {
             }
         }
     }
+}
+
+/// A site with 8 A100 and 8 T4 under one resource name.
+fn mixed_site() -> SiteSnapshot {
+    let mut s = gpu_site("mixed", "A100", 16, 80);
+    s.gpus = vec![
+        GpuOffer {
+            resource: "nvidia.com/gpu".into(),
+            model: "A100".into(),
+            memory_bytes: Some(80 * GI),
+            free: 8,
+        },
+        GpuOffer {
+            resource: "nvidia.com/gpu".into(),
+            model: "T4".into(),
+            memory_bytes: Some(16 * GI),
+            free: 8,
+        },
+    ];
+    s
+}
+
+#[test]
+fn gpus_are_counted_per_model_so_free_t4s_do_not_take_a100_pods() {
+    let mut policy = policy();
+    policy.requirements.gpu_models = vec!["A100".into()];
+    let mut site = mixed_site();
+    let d = place(&pod(1, 1, 2), &policy, std::slice::from_ref(&site), &[]);
+    assert_eq!(d.chosen.as_deref(), Some("mixed"));
+    assert_eq!(
+        d.gpu_models.get("nvidia.com/gpu").map(String::as_str),
+        Some("A100")
+    );
+    // Eight A100 are in use: eight T4 (and the resource's total) are still free.
+    site.gpus[0].free = 0;
+    site.free.gpus.insert("nvidia.com/gpu".into(), 8);
+    let d = place(&pod(1, 1, 1), &policy, std::slice::from_ref(&site), &[]);
+    assert_eq!(d.chosen, None, "the T4s cannot take an A100 pod");
+    let why = d.rejection_summary();
+    assert!(why.contains("nvidia.com/gpu (A100)"), "{why}");
+    // A policy that allows either model gets a T4.
+    let d = place(&pod(1, 1, 1), &self::policy(), std::slice::from_ref(&site), &[]);
+    assert_eq!(d.gpu_models.get("nvidia.com/gpu").map(String::as_str), Some("T4"));
+}
+
+#[test]
+fn the_gpu_model_chosen_is_the_tightest_fit() {
+    let mut site = mixed_site();
+    site.gpus[0].free = 3;
+    site.gpus[1].free = 8;
+    let d = place(&pod(1, 1, 2), &policy(), std::slice::from_ref(&site), &[]);
+    assert_eq!(
+        d.gpu_models["nvidia.com/gpu"], "A100",
+        "3 free A100 waste less than 8 free T4"
+    );
+    let d = place(&pod(1, 1, 4), &policy(), std::slice::from_ref(&site), &[]);
+    assert_eq!(d.gpu_models["nvidia.com/gpu"], "T4");
+    let mut memory = policy();
+    memory.min_gpu_memory_bytes = Some(40 * GI);
+    let d = place(&pod(1, 1, 1), &memory, std::slice::from_ref(&site), &[]);
+    assert_eq!(
+        d.gpu_models["nvidia.com/gpu"], "A100",
+        "T4s have too little memory"
+    );
 }

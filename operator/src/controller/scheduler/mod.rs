@@ -175,13 +175,20 @@ async fn place_one(
         tracing::warn!(pod = %pod.name_any(), error = %e, "binding failed; retried next cycle");
         return;
     }
-    snapshot::reserve(snapshots, site, &decision.policy, &needs.requests);
+    snapshot::reserve(
+        snapshots,
+        site,
+        &decision.policy,
+        &needs.requests,
+        &decision.gpu_models,
+    );
     state.assumed.insert(
         uid.clone(),
         Assumed {
             site: site.clone(),
             policy: decision.policy.clone(),
             requests: needs.requests.clone(),
+            gpu_models: decision.gpu_models.clone(),
         },
     );
     state.told.remove(&uid);

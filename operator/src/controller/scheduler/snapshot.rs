@@ -22,6 +22,8 @@ pub struct Assumed {
     pub policy: String,
     /// What it requests.
     pub requests: Resources,
+    /// The GPU model it uses, by resource.
+    pub gpu_models: BTreeMap<String, String>,
 }
 
 /// The site as the engine sees it: its status, the capacity its Node advertises, and the load of
@@ -70,6 +72,7 @@ pub fn site(
                 resource: g.resource_name.clone(),
                 model: g.model.clone(),
                 memory_bytes: g.memory_per_gpu.as_ref().map(|q| crate::quantity::int(&q.0)),
+                free: i64::from(g.count) - used_by_model(active, &g.resource_name, &g.model),
             })
             .collect(),
         expected_wait_seconds: queue::with_unstarted(
@@ -86,20 +89,61 @@ pub fn site(
     }
 }
 
-/// Counts a pod placed on `site` by `policy` in the snapshots (a burst never over-commits a site).
-pub fn reserve(snapshots: &mut [SiteSnapshot], site: &str, policy: &str, r: &Resources) {
+/// Counts a pod placed on `site` by `policy`, using `gpu_models`, in the snapshots (a burst never
+/// over-commits a site, nor one of its GPU models).
+pub fn reserve(
+    snapshots: &mut [SiteSnapshot],
+    site: &str,
+    policy: &str,
+    r: &Resources,
+    gpu_models: &BTreeMap<String, String>,
+) {
     if let Some(s) = snapshots.iter_mut().find(|s| s.name == site) {
         s.free.subtract(r);
         s.active_pods += 1;
         *s.pods_by_policy.entry(policy.to_string()).or_default() += 1;
+        for (resource, model) in gpu_models {
+            let n = r.gpus.get(resource).copied().unwrap_or(0);
+            for g in s
+                .gpus
+                .iter_mut()
+                .filter(|g| &g.resource == resource && &g.model == model)
+            {
+                g.free -= n;
+            }
+        }
     }
 }
 
 /// Counts every assumed pod in the snapshots.
 pub fn reserve_assumed(snapshots: &mut [SiteSnapshot], assumed: &HashMap<String, Assumed>) {
     for a in assumed.values() {
-        reserve(snapshots, &a.site, &a.policy, &a.requests);
+        reserve(snapshots, &a.site, &a.policy, &a.requests, &a.gpu_models);
     }
+}
+
+/// GPUs of `resource` that the `pods` use of `model`, as their placement recorded it.
+fn used_by_model(pods: &[Pod], resource: &str, model: &str) -> i64 {
+    pods.iter()
+        .filter(|p| {
+            placement_of(p).is_some_and(|d| d.gpu_models.get(resource).map(String::as_str) == Some(model))
+        })
+        .map(|p| load::requests(p).gpus.get(resource).copied().unwrap_or(0))
+        .sum()
+}
+
+/// What the pod's placement annotation says (policy, GPU models).
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PlacedBy {
+    #[serde(default)]
+    policy: String,
+    #[serde(default, alias = "gpu_models")]
+    gpu_models: BTreeMap<String, String>,
+}
+
+fn placement_of(pod: &Pod) -> Option<PlacedBy> {
+    serde_json::from_str(pod.annotations().get(ANNOTATION_PLACEMENT)?).ok()
 }
 
 /// Forgets the assumed pods the cache now shows bound (they count through their Node) or no
@@ -111,18 +155,10 @@ pub fn settle_assumed(assumed: &mut HashMap<String, Assumed>, cached: &HashMap<S
 /// Pods by the policy that placed them, from their placement annotation (pods bound some other
 /// way, e.g. interLink-style by kube-scheduler, count for no policy).
 pub fn pods_by_policy(pods: &[Pod]) -> BTreeMap<String, i64> {
-    #[derive(serde::Deserialize)]
-    struct PlacedBy {
-        policy: String,
-    }
     let mut out = BTreeMap::new();
     for p in pods {
-        let placed = p
-            .annotations()
-            .get(ANNOTATION_PLACEMENT)
-            .and_then(|a| serde_json::from_str::<PlacedBy>(a).ok());
-        if let Some(PlacedBy { policy }) = placed {
-            *out.entry(policy).or_default() += 1;
+        if let Some(placed) = placement_of(p).filter(|d| !d.policy.is_empty()) {
+            *out.entry(placed.policy).or_default() += 1;
         }
     }
     out
@@ -186,6 +222,7 @@ mod tests {
                 site: "hpc".into(),
                 policy: "gpu".into(),
                 requests: load::requests(&pod("u1", "4", "Pending")),
+                gpu_models: BTreeMap::new(),
             },
         )]);
         reserve_assumed(&mut snaps, &assumed);
@@ -202,11 +239,50 @@ mod tests {
         assert!(assumed.is_empty(), "gone from the cache: forgotten");
     }
 
+    #[test]
+    fn gpus_in_use_count_against_the_model_their_placement_recorded() {
+        let now: jiff::Timestamp = "2026-12-03T10:00:00Z".parse().expect("time");
+        let mut s = site_obj();
+        s.spec.capacity.gpus = serde_json::from_value(json!([
+            {"model": "A100", "count": 8}, {"model": "T4", "count": 8}]))
+        .expect("gpus");
+        let gpu_pod = |uid: &str, model: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": uid, "uid": uid, "annotations": {
+                    "offload.dev/placement": format!("{{\"policy\":\"p\",\"gpuModels\":{{\"nvidia.com/gpu\":\"{model}\"}}}}")}},
+                "spec": {"containers": [{"name": "c", "resources": {"requests": {"nvidia.com/gpu": "3"}}}]},
+                "status": {"phase": "Running"}}))
+            .expect("pod")
+        };
+        let mut alloc = alloc();
+        alloc.insert("nvidia.com/gpu".into(), Quantity("16".into()));
+        let snap = site(
+            &s,
+            Some(&alloc),
+            &[gpu_pod("a", "A100"), gpu_pod("b", "A100"), gpu_pod("c", "T4")],
+            now,
+        );
+        let free: Vec<(&str, i64)> = snap.gpus.iter().map(|g| (g.model.as_str(), g.free)).collect();
+        assert_eq!(free, [("A100", 2), ("T4", 5)]);
+        assert_eq!(snap.free.gpus["nvidia.com/gpu"], 7);
+        let mut snaps = vec![snap];
+        let mut r = Resources::default();
+        r.gpus.insert("nvidia.com/gpu".into(), 2);
+        reserve(
+            &mut snaps,
+            "hpc",
+            "p",
+            &r,
+            &BTreeMap::from([("nvidia.com/gpu".to_string(), "A100".to_string())]),
+        );
+        assert_eq!(snaps[0].gpus[0].free, 0, "a reservation takes its model's GPUs");
+    }
+
     fn snaps_assumed() -> Assumed {
         Assumed {
             site: "hpc".into(),
             policy: "gpu".into(),
             requests: Resources::default(),
+            gpu_models: BTreeMap::new(),
         }
     }
 }
