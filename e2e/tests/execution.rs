@@ -316,9 +316,11 @@ async fn a_killed_operator_resumes_without_duplicates() {
     TestNamespace::run("exec-restart", |t| async move {
         let mut op = Operator::start(t.cluster, &t.name).await?;
         let (a, b) = (
+            // Every answer takes 300 ms, so creates are still in flight when the operator dies.
             SimHandle::start(SimConfig {
                 simulate: true,
                 slots: 1000,
+                latency: Duration::from_millis(300),
                 ..SimConfig::default()
             })
             .await?,
@@ -345,21 +347,44 @@ async fn a_killed_operator_resumes_without_duplicates() {
         let result = async {
             wait_site_ready(&sites, &sa).await?;
             wait_site_ready(&sites, &sb).await?;
-            for i in 0..100 {
-                let target = if i % 2 == 0 { &sa } else { &sb };
-                let mut p = pod(&format!("burst-{i}"), target, "", json!({}))?;
-                p.metadata.annotations = Some(
-                    [(
-                        "sitesim.offload.dev/duration-seconds".to_string(),
-                        "2".to_string(),
-                    )]
-                    .into(),
-                );
-                pods.create(&PostParams::default(), &p).await?;
-                if i == 40 {
-                    op.kill().await;
+            // Kill it in the middle of its work: once the sites have taken a few creates, while
+            // pods are still being made and the rest are unsent or unanswered.
+            let seen = || a.stats().creates_per_uid.len() + b.stats().creates_per_uid.len();
+            let make = async {
+                for i in 0..100 {
+                    let target = if i % 2 == 0 { &sa } else { &sb };
+                    let mut p = pod(&format!("burst-{i}"), target, "", json!({}))?;
+                    p.metadata.annotations = Some(
+                        [(
+                            "sitesim.offload.dev/duration-seconds".to_string(),
+                            "2".to_string(),
+                        )]
+                        .into(),
+                    );
+                    pods.create(&PostParams::default(), &p).await?;
                 }
-            }
+                Ok::<_, anyhow::Error>(())
+            };
+            let kill = async {
+                while seen() < 5 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                op.kill().await;
+                seen()
+            };
+            let (made, at_kill) = tokio::join!(make, kill);
+            made?;
+            let logged = std::fs::read_to_string(&op.log)
+                .unwrap_or_default()
+                .matches("created at the site")
+                .count();
+            eprintln!(
+                "killed with {at_kill}/100 pods at the sites, {logged} creates recorded in the operator's log"
+            );
+            ensure!(
+                at_kill < 100,
+                "every pod was created before the kill: the restart would prove nothing"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
             op = Operator::start(t.cluster, &t.name).await?;
             wait::until("100 succeeded pods", Duration::from_secs(240), || async {
@@ -379,11 +404,7 @@ async fn a_killed_operator_resumes_without_duplicates() {
                 }
             })
             .await?;
-            let mut creates = a.stats().creates_per_uid;
-            creates.extend(b.stats().creates_per_uid);
-            ensure!(creates.len() == 100, "{} pods created", creates.len());
-            let dupes: Vec<_> = creates.iter().filter(|(_, n)| **n != 1).collect();
-            ensure!(dupes.is_empty(), "created more than once: {dupes:?}");
+            offload_e2e::sitesim::exactly_once(&[a.stats(), b.stats()], 100)?;
             Ok(())
         }
         .await;

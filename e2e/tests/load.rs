@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, ResourceExt,
@@ -117,8 +117,9 @@ async fn remote_jobs_under_load() {
             .await?;
             let all = start.elapsed();
             let (cpu1, rss) = process(&op).await?;
-            let creates: usize = sims.iter().map(|s| s.stats().creates_per_uid.values().map(|c| *c as usize).sum::<usize>()).sum();
-            ensure!(creates == n, "{creates} creates for {n} jobs");
+            let stats: Vec<_> = sims.iter().map(|s| s.stats()).collect();
+            offload_e2e::sitesim::exactly_once(&stats, n)?;
+            let creates: usize = stats.iter().map(|s| s.creates_per_uid.len()).sum();
             println!(
                 "remote_jobs_under_load: {n} RemoteJobs (2 s containers, 2 sites): created in {:.1} s, all Succeeded after {:.1} s \
                  ({:.1} jobs/s end to end); operator CPU {:.1} s ({:.1} ms per job), RSS {rss:.0} MiB; {creates} creates at the sites",
@@ -128,7 +129,7 @@ async fn remote_jobs_under_load() {
                 cpu1 - cpu0,
                 (cpu1 - cpu0) * 1000.0 / n as f64,
             );
-            Ok(())
+            Ok::<_, anyhow::Error>(())
         }
         .await;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
@@ -192,8 +193,8 @@ async fn offloaded_pods_under_load() {
             tokio::time::sleep(Duration::from_secs(20)).await;
             let (cpu2, rss) = process(&op).await?;
             let status2: u64 = sims.iter().map(|s| s.stats().status_requests).sum();
-            let creates: usize = sims.iter().map(|s| s.stats().creates_per_uid.len()).sum();
-            ensure!(creates == n, "{creates} pods created for {n}");
+            let stats: Vec<_> = sims.iter().map(|s| s.stats()).collect();
+            offload_e2e::sitesim::exactly_once(&stats, n)?;
             let per_site: Vec<usize> = sims.iter().map(|s| s.stats().creates_per_uid.len()).collect();
             println!(
                 "offloaded_pods_under_load: {n} pods over 2 sites {per_site:?}: created in {:.1} s, all Running after {:.1} s \
@@ -209,7 +210,7 @@ async fn offloaded_pods_under_load() {
                 status1 - status0,
                 status2 - status1,
             );
-            Ok(())
+            Ok::<_, anyhow::Error>(())
         }
         .await;
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -13,7 +13,7 @@ mod state;
 
 pub use faults::{Fault, FaultKind};
 pub use server::{SLURM_STATUS_LAG, SimConfig, SimHandle, Tls};
-pub use state::{GpuSpec, Stats};
+pub use state::{GpuSpec, Stats, exactly_once};
 
 /// Pod annotation: run this pod as timers instead of processes (`"true"`).
 pub const ANNOTATION_SIMULATE: &str = "sitesim.offload.dev/simulate";

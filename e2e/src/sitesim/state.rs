@@ -44,6 +44,32 @@ pub struct Stats {
     pub unauthorized: u64,
 }
 
+impl Stats {
+    /// The pod UIDs created more than once, with their counts.
+    pub fn duplicates(&self) -> Vec<(&String, &u32)> {
+        self.creates_per_uid.iter().filter(|(_, n)| **n > 1).collect()
+    }
+}
+
+/// Fails unless `n` distinct pods were created across `stats`, each exactly once (a duplicate and a
+/// missing pod would cancel out in a plain count).
+pub fn exactly_once(stats: &[Stats], n: usize) -> anyhow::Result<()> {
+    let mut per_uid: BTreeMap<&String, u32> = BTreeMap::new();
+    for s in stats {
+        for (uid, c) in &s.creates_per_uid {
+            *per_uid.entry(uid).or_default() += c;
+        }
+    }
+    let dupes: Vec<_> = per_uid.iter().filter(|(_, c)| **c > 1).collect();
+    anyhow::ensure!(dupes.is_empty(), "created more than once: {dupes:?}");
+    anyhow::ensure!(
+        per_uid.len() == n,
+        "{} distinct pods created for {n}",
+        per_uid.len()
+    );
+    Ok(())
+}
+
 /// One container at the site.
 #[derive(Clone, Debug)]
 pub(crate) struct SimContainer {
