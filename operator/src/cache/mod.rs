@@ -122,6 +122,62 @@ impl<K: Send + Sync + 'static> Fanout<K> {
     }
 }
 
+impl<K> Cache<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    /// A cache reading `writer`'s store, with the fan-out and the synced flag its feeder uses.
+    pub(crate) fn feeding(writer: &Writer<K>) -> (Cache<K>, Fanout<K>, watch::Sender<bool>) {
+        let fanout = Fanout::new();
+        let (synced_tx, synced) = watch::channel(false);
+        let cache = Cache {
+            store: writer.as_reader(),
+            fanout: fanout.clone(),
+            synced,
+        };
+        (cache, fanout, synced_tx)
+    }
+}
+
+/// Applies `event` to the store and sends what it applied to the subscribers: the object of an
+/// `Apply`, every object after a re-list (`InitDone`).
+pub(crate) async fn apply<K>(writer: &mut Writer<K>, fanout: &Fanout<K>, event: &watcher::Event<K>)
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    writer.apply_watcher_event(event);
+    let store = writer.as_reader();
+    match event {
+        watcher::Event::Apply(o) => {
+            if let Some(o) = store.get(&ObjectRef::from_obj(o)) {
+                fanout.send(o).await;
+            }
+        }
+        watcher::Event::InitDone => {
+            for o in store.state() {
+                fanout.send(o).await;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The watch of `api` with `cfg`, retried with kube's default backoff, without managed fields
+/// (nothing reads them from a cache; they are often half an object's size).
+pub(crate) fn stripped_watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    watcher(api, cfg).default_backoff().modify(|o| {
+        o.meta_mut().managed_fields = None;
+    })
+}
+
 /// Starts the watch of `api` with `cfg` (retried with kube's default backoff) into a new cache.
 /// `wake` is notified after every event (the scheduler's cycle trigger).
 pub fn spawn<K>(api: Api<K>, cfg: watcher::Config, kind: &'static str, wake: Arc<Notify>) -> Cache<K>
@@ -130,37 +186,15 @@ where
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let mut writer: Writer<K> = Writer::default();
-    let store = writer.as_reader();
-    let fanout = Fanout::new();
-    let (synced_tx, synced) = watch::channel(false);
-    let cache = Cache {
-        store: store.clone(),
-        fanout: fanout.clone(),
-        synced,
-    };
+    let (cache, fanout, synced_tx) = Cache::feeding(&writer);
     tokio::spawn(async move {
-        let stream = watcher(api, cfg).default_backoff().modify(|o| {
-            // Nothing reads managed fields from a cache; they are often half an object's size.
-            o.meta_mut().managed_fields = None;
-        });
-        let mut stream = std::pin::pin!(stream);
+        let mut stream = std::pin::pin!(stripped_watch(api, cfg));
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
-                    writer.apply_watcher_event(&event);
-                    match &event {
-                        watcher::Event::Apply(o) => {
-                            if let Some(o) = store.get(&ObjectRef::from_obj(o)) {
-                                fanout.send(o).await;
-                            }
-                        }
-                        watcher::Event::InitDone => {
-                            let _ = synced_tx.send(true);
-                            for o in store.state() {
-                                fanout.send(o).await;
-                            }
-                        }
-                        _ => {}
+                    apply(&mut writer, &fanout, &event).await;
+                    if matches!(event, watcher::Event::InitDone) {
+                        let _ = synced_tx.send(true);
                     }
                     wake.notify_one();
                 }

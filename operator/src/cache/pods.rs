@@ -20,14 +20,13 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt,
     runtime::{
-        WatchStreamExt,
         reflector::{ObjectRef, store::Writer},
         watcher,
     },
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 
-use super::{Cache, Fanout};
+use super::Cache;
 use crate::{controller::node::node_name, crd::OffloadSite};
 
 /// `spec.schedulerName` that opts a pod in (also in `scheduler`).
@@ -199,17 +198,10 @@ impl Sync {
 /// Synced once the scheduler's watch and those of the sites present at the start have listed.
 pub fn spawn(client: Client, sites: Cache<OffloadSite>, wake: Arc<Notify>) -> Cache<Pod> {
     let mut writer: Writer<Pod> = Writer::default();
-    let store = writer.as_reader();
     // The union's readiness is `synced`; the store itself is ready (empty) from the start.
     writer.apply_watcher_event(&watcher::Event::Init);
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    let fanout = Fanout::new();
-    let (synced_tx, synced) = watch::channel(false);
-    let cache = Cache {
-        store: store.clone(),
-        fanout: fanout.clone(),
-        synced,
-    };
+    let (cache, fanout, synced_tx) = Cache::feeding(&writer);
     let (tx, mut rx) = mpsc::channel::<Feed>(1024);
     let api: Api<Pod> = Api::all(client);
     let scheduler = watcher::Config::default().fields(&format!("spec.schedulerName={SCHEDULER_NAME}"));
@@ -237,12 +229,7 @@ pub fn spawn(client: Client, sites: Cache<OffloadSite>, wake: Arc<Notify>) -> Ca
                 }
             };
             for event in &events {
-                writer.apply_watcher_event(event);
-                if let watcher::Event::Apply(p) = event
-                    && let Some(p) = store.get(&ObjectRef::from_obj(p))
-                {
-                    fanout.send(p).await;
-                }
+                super::apply(&mut writer, &fanout, event).await;
             }
             if !events.is_empty() {
                 wake.notify_one();
@@ -265,10 +252,7 @@ fn start(
 ) -> tokio::task::JoinHandle<()> {
     let api = api.clone();
     tokio::spawn(async move {
-        let stream = watcher(api, cfg).default_backoff().modify(|p| {
-            p.metadata.managed_fields = None;
-        });
-        let mut stream = std::pin::pin!(stream);
+        let mut stream = std::pin::pin!(super::stripped_watch(api, cfg));
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {

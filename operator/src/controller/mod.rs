@@ -107,6 +107,35 @@ pub(crate) fn on_error(
     kube::runtime::controller::Action::requeue(delay)
 }
 
+/// Drives a controller's result stream to its end, logging each result at debug level. An object
+/// gone from the cache by the time its turn came (deleted; or a pod owned by a job outside this
+/// operator's selector) is not worth a line.
+pub(crate) async fn drain<K, E, S>(results: S, controller: &'static str)
+where
+    K: kube::Resource + 'static,
+    E: std::error::Error + 'static,
+    S: futures::Stream<
+            Item = Result<
+                (
+                    kube::runtime::reflector::ObjectRef<K>,
+                    kube::runtime::controller::Action,
+                ),
+                kube::runtime::controller::Error<E, kube::runtime::watcher::Error>,
+            >,
+        >,
+{
+    use futures::StreamExt;
+    results
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(controller, object = %obj.name, "reconciled"),
+                Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
+                Err(e) => tracing::debug!(controller, error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
 /// Each site's client and health, built by the site controller and used by the others.
 pub type SiteClients = Arc<Mutex<HashMap<String, site::SiteHealth>>>;
 

@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Resource, ResourceExt,
@@ -64,11 +63,8 @@ pub async fn run(shared: Arc<Context>) {
         token_warned: Mutex::default(),
     });
     tokio::spawn(sync::sync_forever(ctx.clone()));
-    controller
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
-        .await;
+    let results = controller.shutdown_on_signal().run(reconcile, error_policy, ctx);
+    super::drain(results, CONTROLLER).await;
 }
 
 fn error_policy(pod: Arc<Pod>, err: &Error, ctx: Arc<Ctx>) -> Action {

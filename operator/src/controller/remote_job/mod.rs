@@ -8,7 +8,6 @@ mod tests;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Resource, ResourceExt,
@@ -39,17 +38,8 @@ pub async fn run(shared: Arc<Context>) {
         shared,
         backoff: Backoff::default(),
     });
-    controller
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                // A pod owned by a job outside this operator's selector.
-                Err(kube::runtime::controller::Error::ObjectNotFound(_)) | Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "remote job reconcile"),
-            }
-        })
-        .await;
+    let results = controller.shutdown_on_signal().run(reconcile, error_policy, ctx);
+    super::drain(results, CONTROLLER).await;
 }
 
 fn error_policy(job: Arc<RemoteJob>, err: &Error, ctx: Arc<Ctx>) -> Action {

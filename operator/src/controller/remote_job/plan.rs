@@ -18,6 +18,7 @@ use crate::{
         ANNOTATION_EXCLUDE_SITES, ANNOTATION_POLICY, ANNOTATION_REMOTE_ID, ANNOTATION_SITE, LABEL_ATTEMPT,
         LABEL_JOB_NAME, LABEL_JOB_UID, RemoteJob, RemoteJobStatus,
         common::set_condition,
+        conditions,
         remote_job::{Attempt, AttemptOutcome, RemoteJobPhase},
     },
 };
@@ -612,56 +613,57 @@ impl Planner<'_> {
 
     /// Stops the open attempt of a suspended job; notes a resume.
     fn suspend_or_resume(&mut self) {
-        let job = self.job;
-        let now = self.now;
-        let generation = self.generation;
-        let now_t = Time(now);
-        let spec = &job.spec;
-        if self.st.completion_time.is_none() {
-            let suspended_before = crate::crd::common::is_true(&self.st.conditions, "Suspended");
-            if spec.suspend {
-                stop_open(
-                    &mut self.st,
-                    &mut self.out,
-                    AttemptOutcome::Cancelled,
-                    "Suspended",
-                    "the job was suspended",
-                    now,
-                );
-                self.current = None;
-                if !suspended_before {
-                    self.out.notes.push(Note {
-                        reason: Reason::Suspended,
-                        message: "job suspended: no attempt runs until it is resumed".into(),
-                    });
-                }
-                set_condition(
-                    &mut self.st.conditions,
-                    "Suspended",
-                    true,
-                    "Suspended",
-                    "the job is suspended",
-                    generation,
-                    &now_t,
-                );
-            } else if self.st.conditions.iter().any(|c| c.type_ == "Suspended") {
-                if suspended_before {
-                    self.out.notes.push(Note {
-                        reason: Reason::Resumed,
-                        message: "job resumed".into(),
-                    });
-                }
-                set_condition(
-                    &mut self.st.conditions,
-                    "Suspended",
-                    false,
-                    "Resumed",
-                    "",
-                    generation,
-                    &now_t,
-                );
-            }
+        if self.st.completion_time.is_some() {
+            return;
         }
+        let now = self.now;
+        let was = crate::crd::common::is_true(&self.st.conditions, conditions::SUSPENDED);
+        let known = self
+            .st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == conditions::SUSPENDED);
+        let (suspended, reason, message, note) = if self.job.spec.suspend {
+            stop_open(
+                &mut self.st,
+                &mut self.out,
+                AttemptOutcome::Cancelled,
+                "Suspended",
+                "the job was suspended",
+                now,
+            );
+            self.current = None;
+            let note = (!was).then_some((
+                Reason::Suspended,
+                "job suspended: no attempt runs until it is resumed",
+            ));
+            (true, "Suspended", "the job is suspended", note)
+        } else if known {
+            (
+                false,
+                "Resumed",
+                "",
+                was.then_some((Reason::Resumed, "job resumed")),
+            )
+        } else {
+            return;
+        };
+        if let Some((reason, message)) = note {
+            self.out.notes.push(Note {
+                reason,
+                message: message.into(),
+            });
+        }
+        let c = &mut self.st.conditions;
+        set_condition(
+            c,
+            conditions::SUSPENDED,
+            suspended,
+            reason,
+            message,
+            self.generation,
+            &Time(now),
+        );
     }
 
     /// Ends the job after a success or past the retry limit, else creates the next attempt (after its backoff).

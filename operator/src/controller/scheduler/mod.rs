@@ -375,22 +375,8 @@ pub async fn explain(client: &Client, pod: &Pod, selector: Option<&str>) -> Resu
     let lp = selector
         .map(|s| ListParams::default().labels(s))
         .unwrap_or_default();
-    let sites: Vec<Arc<OffloadSite>> = Api::<OffloadSite>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(|e| format!("cannot list OffloadSites: {e}"))?
-        .items
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    let policies: Vec<Arc<OffloadPolicy>> = Api::<OffloadPolicy>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(|e| format!("cannot list OffloadPolicies: {e}"))?
-        .items
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    let sites: Vec<Arc<OffloadSite>> = list_all(client, &lp, "OffloadSites").await?;
+    let policies: Vec<Arc<OffloadPolicy>> = list_all(client, &lp, "OffloadPolicies").await?;
     let ns = pod.namespace().unwrap_or_else(|| "default".into());
     let ns_labels = Api::<Namespace>::all(client.clone())
         .get_opt(&ns)
@@ -424,4 +410,23 @@ pub async fn explain(client: &Client, pod: &Pod, selector: Option<&str>) -> Resu
         &snapshots,
         &policy::excluded(pod),
     ))
+}
+
+/// Every `K` matching `lp`, for a one-shot command.
+async fn list_all<K>(client: &Client, lp: &ListParams, what: &str) -> Result<Vec<Arc<K>>, String>
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    Ok(Api::<K>::all(client.clone())
+        .list(lp)
+        .await
+        .map_err(|e| format!("cannot list {what}: {e}"))?
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect())
 }

@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -121,16 +120,8 @@ pub async fn run(shared: Arc<Context>) {
         shared,
         backoff: Backoff::default(),
     });
-    controller
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(site = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
-            }
-        })
-        .await;
+    let results = controller.shutdown_on_signal().run(reconcile, error_policy, ctx);
+    super::drain(results, CONTROLLER).await;
 }
 
 /// The sites that reference Secret or ConfigMap `name`, marked to probe at once.
