@@ -27,6 +27,7 @@ pub struct Scenario {
     op: Mutex<Operator>,
     sims: Mutex<Vec<Arc<SimHandle>>>,
     site_names: Mutex<Vec<String>>,
+    default_policy: String,
     /// Cluster-wide sites, policies, and the namespace's pods.
     pub sites: Api<OffloadSite>,
     /// Policies.
@@ -47,7 +48,18 @@ impl Scenario {
         TestNamespace::run(test, |t| async move {
             let op = Operator::start(t.cluster, &t.name).await?;
             t.default_service_account().await?;
+            // Pods of this scenario name its own default policy: in a cluster shared with other
+            // tests, another operator would otherwise be as entitled to place them.
+            let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
+            let default_policy = format!("{}-default", t.name);
+            policies
+                .create(
+                    &PostParams::default(),
+                    &fixtures::policy_builder("default").build(&t.name, &default_policy)?,
+                )
+                .await?;
             let s = Arc::new(Scenario {
+                default_policy,
                 sites: Api::all(t.client.clone()),
                 policies: Api::all(t.client.clone()),
                 pods: Api::namespaced(t.client.clone(), &t.name),
@@ -59,7 +71,11 @@ impl Scenario {
             let result = body(s.clone()).await;
             let names = s.site_names.lock().await.clone();
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let cleanup = fixtures::delete_sites(&s.t, &s.sites, &refs).await;
+            let mut cleanup = fixtures::delete_sites(&s.t, &s.sites, &refs).await;
+            let mine = kube::api::ListParams::default().labels(&format!("{TEST_LABEL}={}", s.t.name));
+            if let Err(e) = s.policies.delete_collection(&Default::default(), &mine).await {
+                cleanup = cleanup.and(Err(e.into()));
+            }
             if result.is_err() || cleanup.is_err() {
                 eprintln!("{}", s.op.lock().await.log_tail(120));
             }
@@ -71,6 +87,11 @@ impl Scenario {
     /// The cluster-wide name of a scenario object (`<namespace>-<name>`).
     pub fn name(&self, short: &str) -> String {
         format!("{}-{short}", self.t.name)
+    }
+
+    /// A pod of this scenario under its default policy (every site, default weights).
+    pub fn pod(&self, name: &str) -> PodBuilder {
+        fixtures::pod_builder(name).policy(&self.default_policy)
     }
 
     /// Starts a simulator for the site, creates the site there, and waits until it is Ready.

@@ -257,7 +257,7 @@ async fn a_hanging_site_delays_no_other_site_s_status() {
         s.site(site_builder("healthy").sync_every(interval)).await?;
         let (hang_to, heal_to) = (s.name("hanging"), s.name("healthy"));
         let pinned = |name: &str, site: &str| {
-            let mut p = pod_builder(name).build().expect("pod");
+            let mut p = s.pod(name).build().expect("pod");
             p.metadata.annotations.get_or_insert_default().insert("offload.dev/site".into(), site.into());
             p
         };
@@ -293,7 +293,7 @@ async fn a_pod_whose_token_expires_while_it_runs_gets_a_warning() {
         s.site(site_builder("site")).await?;
         // A projected token valid for the API server's minimum, 10 minutes: the site cannot be
         // given a new one (interLink has no update path), so the operator warns at once.
-        let mut pod = pod_builder("short-token").build()?;
+        let mut pod = s.pod("short-token").build()?;
         let spec = pod.spec.as_mut().context("spec")?;
         spec.volumes = Some(vec![serde_json::from_value(
             json!({"name": "token", "projected": {"sources": [
@@ -382,7 +382,7 @@ async fn credentials_come_from_secrets_and_config_maps_and_a_rotated_token_is_us
             })
             .await?;
         ensure!(sim.url.starts_with("https://"));
-        ensure!(s.place(pod_builder("before")).await? == "secure");
+        ensure!(s.place(s.pod("before")).await? == "secure");
         s.running("before", TIMEOUT).await?;
 
         // Rotation: the site now accepts only the new token, and the Secret holds it.
@@ -396,7 +396,7 @@ async fn credentials_come_from_secrets_and_config_maps_and_a_rotated_token_is_us
             .await?;
         // The next requests carry the new token: the site stays or becomes Ready again, and a
         // pod created now is created and synced with it.
-        ensure!(s.place(pod_builder("after")).await? == "secure");
+        ensure!(s.place(s.pod("after")).await? == "secure");
         s.running("after", TIMEOUT).await?;
         let rejected = sim.stats().unauthorized;
         tokio::time::sleep(Duration::from_secs(3)).await;
