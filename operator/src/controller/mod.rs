@@ -72,7 +72,9 @@ impl Error {
                 _ => Category::Internal,
             },
             Error::Draining(_) => Category::Transient,
-            Error::Site { source, .. } if source.is_retryable() => Category::Transient,
+            Error::Site { source, .. } if source.is_retryable() || source.is_credentials() => {
+                Category::Transient
+            }
             Error::Site { .. } => Category::SiteRefused,
             Error::NameTaken(_) | Error::Invalid(_) => Category::InvalidSpec,
         }

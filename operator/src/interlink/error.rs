@@ -128,6 +128,18 @@ impl Error {
         }
     }
 
+    /// Whether the site refused the operator rather than the request: its credentials (401, 403)
+    /// or its TLS (a certificate the site does not accept, or one we do not). Such a failure is the
+    /// site's configuration, not the pod's: it is retried, never charged to the pod, and clears
+    /// once the credentials are fixed (a rotation in progress, say).
+    pub fn is_credentials(&self) -> bool {
+        match self {
+            Error::Status { code, .. } => matches!(code, 401 | 403),
+            Error::Transport { kind, .. } => *kind == TransportKind::Tls,
+            _ => false,
+        }
+    }
+
     /// Whether the request may have reached the site and taken effect although no answer said
     /// so (a timeout, a connection lost mid-way, a bare 5xx from a proxy or the API server).
     /// Errors raised before anything was sent (DNS, connect, TLS) cannot have.
@@ -293,6 +305,8 @@ mod tests {
     #[test]
     fn reasons_and_messages_keep_the_site_text() {
         assert_eq!(status(401, "").reason(), "Unauthorized");
+        assert!(status(401, "").is_credentials() && status(403, "no").is_credentials());
+        assert!(!status(404, "").is_credentials() && !status(503, "").is_credentials());
         assert_eq!(status(504, "sbatch: error").reason(), "SiteError");
         assert_eq!(status(404, "").reason(), "Refused");
         let e = status(504, "sbatch: error: invalid partition");

@@ -183,7 +183,9 @@ async fn create(
             publish(shared, pod, Reason::Submitted, &note).await;
             Ok(Action::await_change())
         }
-        Err(e) if e.is_retryable() => {
+        Err(e) if e.is_retryable() || e.is_credentials() => {
+            // A site that refuses the operator's credentials (a rotation half done) is the
+            // site's problem, not the pod's: the pod waits and is retried.
             let message = format!("creating at site {site} failed, retrying: {e}");
             waiting(shared, pod, "SiteUnavailable", &message).await?;
             Err(Error::Site {
