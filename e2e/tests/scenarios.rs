@@ -375,18 +375,50 @@ async fn credentials_come_from_secrets_and_config_maps_and_a_rotated_token_is_us
             "caBundle": {"configMap": {"name": "site-ca", "key": "ca.crt"}},
             "clientCertificate": {"secretName": "site-client"}});
         let token = first.clone();
+        // A high failure threshold keeps the site Ready while the rotation is half done, so a
+        // pod is bound and sent with the old token (the case a rotation must not lose a pod in).
+        let health = json!({"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 60});
         let sim = s
-            .site_with(site_builder("secure").set("auth", auth), move |c| {
-                c.tls = Some(tls);
-                c.token = Some(token);
-            })
+            .site_with(
+                site_builder("secure")
+                    .set("auth", auth)
+                    .set("healthCheck", health),
+                move |c| {
+                    c.tls = Some(tls);
+                    c.token = Some(token);
+                },
+            )
             .await?;
         ensure!(sim.url.starts_with("https://"));
         ensure!(s.place(s.pod("before")).await? == "secure");
         s.running("before", TIMEOUT).await?;
 
-        // Rotation: the site now accepts only the new token, and the Secret holds it.
+        // Rotation, half done: the site accepts only the new token; the Secret still has the old.
         sim.set_token(Some(second.clone()));
+        ensure!(s.place(s.pod("during")).await? == "secure");
+        let waiting = wait::until(
+            "the pod waiting for the site to accept the operator",
+            TIMEOUT,
+            || async {
+                let p: Pod = s.pods.get("during").await?;
+                let st = p.status.unwrap_or_default();
+                ensure!(
+                    st.phase.as_deref() != Some("Failed"),
+                    "the pod was failed for the site's credentials: {:?}",
+                    st.message
+                );
+                let w = st
+                    .container_statuses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find_map(|c| c.state.and_then(|s| s.waiting))
+                    .and_then(|w| w.message);
+                Ok::<_, anyhow::Error>(w.filter(|m| m.contains("Unauthorized") || m.contains("401")))
+            },
+        )
+        .await?;
+        eprintln!("during the rotation: {waiting}");
+        // Rotation done: the Secret holds the new token; the waiting pod and a new one run.
         secrets
             .patch(
                 "site-token",
@@ -394,8 +426,7 @@ async fn credentials_come_from_secrets_and_config_maps_and_a_rotated_token_is_us
                 &Patch::Merge(&json!({"stringData": {"token": second.clone()}})),
             )
             .await?;
-        // The next requests carry the new token: the site stays or becomes Ready again, and a
-        // pod created now is created and synced with it.
+        s.running("during", TIMEOUT).await?;
         ensure!(s.place(s.pod("after")).await? == "secure");
         s.running("after", TIMEOUT).await?;
         let rejected = sim.stats().unauthorized;
