@@ -5,12 +5,17 @@ use kube::{Api, Client, api::ListParams};
 
 use crate::{placement::Resources, quantity};
 
+/// The pod's phase; a pod without one (just created, no status yet) is `Pending`.
+pub fn phase(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
+}
+
 /// Whether the pod has finished (its resources are free again).
 pub fn is_finished(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
+    matches!(phase(pod), "Succeeded" | "Failed")
 }
 
 /// Pods bound to `node` that have not finished.
@@ -46,13 +51,7 @@ pub fn longest_unstarted(pods: &[Pod], now: jiff::Timestamp) -> i64 {
 
     use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID};
     pods.iter()
-        .filter(|p| {
-            p.annotations().contains_key(ANNOTATION_REMOTE_ID)
-                && p.status
-                    .as_ref()
-                    .and_then(|s| s.phase.as_deref())
-                    .is_none_or(|ph| ph == "Pending")
-        })
+        .filter(|p| p.annotations().contains_key(ANNOTATION_REMOTE_ID) && phase(p) == "Pending")
         .filter_map(|p| {
             p.annotations()
                 .get(ANNOTATION_CREATE_SENT)?

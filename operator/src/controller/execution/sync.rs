@@ -156,16 +156,7 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         })
         .collect();
     for phase in ["Pending", "Running"] {
-        let n = active
-            .iter()
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.phase.as_deref())
-                    .unwrap_or("Pending")
-                    == phase
-            })
-            .count();
+        let n = active.iter().filter(|p| load::phase(p) == phase).count();
         ctx.shared
             .metrics
             .pods

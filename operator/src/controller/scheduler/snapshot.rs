@@ -37,15 +37,7 @@ pub fn site(
     let cap = allocatable.map(Resources::from_quantities).unwrap_or_default();
     let mut free = cap.clone();
     free.subtract(&load::total(active));
-    let not_started = active
-        .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.phase.as_deref())
-                .is_none_or(|ph| ph == "Pending")
-        })
-        .count() as i64;
+    let not_started = active.iter().filter(|p| load::phase(p) == "Pending").count() as i64;
     let status = site.status.clone().unwrap_or_default();
     let spec = &site.spec;
     let unstarted = load::longest_unstarted(active, now);

@@ -36,7 +36,7 @@ use kube::{
 use serde_json::json;
 
 use self::assess::{Assessment, Probe};
-use super::{Context, Error, backoff::Backoff, credentials, events::Reason, node};
+use super::{Context, Error, backoff::Backoff, credentials, events::Reason, load, node};
 use crate::{
     crd::OffloadSite,
     interlink::{SiteClient, Timeouts},
@@ -363,10 +363,7 @@ async fn cleanup(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error>
         .await?;
     if !bound.items.is_empty() {
         for p in &bound.items {
-            let finished = matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            );
+            let finished = load::is_finished(p);
             let ns = p.namespace().unwrap_or_default();
             let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
             // A finished pod is only a record: removed at once, as a kubelet would.
