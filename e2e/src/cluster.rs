@@ -141,6 +141,32 @@ impl Cluster {
         cmd
     }
 
+    /// A kubeconfig for `namespace/sa` with a fresh TokenRequest token (one hour), as a pod of
+    /// that ServiceAccount would get.
+    pub fn service_account_kubeconfig(&self, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
+        let out = self
+            .kubectl()
+            .args(["create", "token", sa, "-n", namespace, "--duration=1h"])
+            .output()?;
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        anyhow::ensure!(
+            out.status.success() && !token.is_empty(),
+            "kubectl create token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = self.dir.join(format!("sa-{namespace}-{sa}.kubeconfig"));
+        let ca = self.dir.join("pki/ca.crt");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    \
+             certificate-authority: {}\nusers:\n- name: {sa}\n  user:\n    token: {token}\ncontexts:\n- name: {sa}\n  \
+             context: {{cluster: e2e, user: {sa}, namespace: {namespace}}}\ncurrent-context: {sa}\n",
+            self.api_url,
+            ca.display()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     /// The last `lines` lines of every component's log, for a failing test's output.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

@@ -111,13 +111,34 @@ impl Operator {
         kubeconfig: &std::path::Path,
         extra: &[&str],
     ) -> anyhow::Result<Operator> {
+        Self::start_until(cluster, namespace, kubeconfig, extra, "/readyz").await
+    }
+
+    /// [`Operator::start_as`], returning once the operator is live (`/healthz`), ready or not: for
+    /// tests of an operator that cannot become ready.
+    pub async fn launch_as(
+        cluster: &Cluster,
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Operator> {
+        Self::start_until(cluster, namespace, kubeconfig, extra, "/healthz").await
+    }
+
+    async fn start_until(
+        cluster: &Cluster,
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+        answers: &str,
+    ) -> anyhow::Result<Operator> {
         install_crds(cluster).await?;
         // A port found free may be taken (by a simulator binding port 0) before the operator binds
         // it: then the operator exits at once, and is started again on new ports.
         let mut tries = 0;
         loop {
             tries += 1;
-            match Self::spawn(cluster, namespace, kubeconfig, extra).await {
+            match Self::spawn(cluster, namespace, kubeconfig, extra, answers).await {
                 Ok(op) => return Ok(op),
                 Err(e) if tries < 4 && format!("{e:#}").contains("Address already in use") => {
                     tracing::warn!("operator could not bind its ports; starting it again");
@@ -132,6 +153,7 @@ impl Operator {
         namespace: &str,
         kubeconfig: &std::path::Path,
         extra: &[&str],
+        answers: &str,
     ) -> anyhow::Result<Operator> {
         let port = free_port()?;
         let kubelet_port = free_port()?;
@@ -170,7 +192,7 @@ impl Operator {
             metrics_url: format!("http://127.0.0.1:{port}"),
             kubelet_port,
         };
-        let url = format!("{}/readyz", op.metrics_url);
+        let url = format!("{}{answers}", op.metrics_url);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let ready = loop {
             if let Some(status) = op.child.try_wait()? {
@@ -187,7 +209,7 @@ impl Operator {
             }
             if tokio::time::Instant::now() >= deadline {
                 break Err(anyhow::anyhow!(
-                    "timed out after 60s waiting for the operator's /readyz"
+                    "timed out after 60s waiting for the operator's {answers}"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -213,6 +235,11 @@ impl Operator {
             self.log.display(),
             all[all.len().saturating_sub(lines)..].join("\n")
         )
+    }
+
+    /// `GET <metrics server><path>`: status code and body, whatever the code.
+    pub async fn probe(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(&format!("{}{path}", self.metrics_url)).await
     }
 
     /// `GET <metrics server><path>`.

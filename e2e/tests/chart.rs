@@ -95,28 +95,6 @@ fn kubectl(cluster: &Cluster, kubeconfig: Option<&Path>, args: &[&str]) -> anyho
     Ok((out.status.success(), text.trim().to_string()))
 }
 
-/// A kubeconfig for `namespace/sa` with a fresh TokenRequest token, as a pod of that
-/// ServiceAccount would get.
-fn service_account_kubeconfig(cluster: &Cluster, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
-    let (ok, token) = kubectl(
-        cluster,
-        None,
-        &["create", "token", sa, "-n", namespace, "--duration=1h"],
-    )?;
-    ensure!(ok && !token.is_empty(), "kubectl create token: {token}");
-    let path = cluster.dir.join(format!("sa-{namespace}-{sa}.kubeconfig"));
-    let ca = cluster.dir.join("pki/ca.crt");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    \
-         certificate-authority: {}\nusers:\n- name: {sa}\n  user:\n    token: {token}\ncontexts:\n- name: {sa}\n  \
-         context: {{cluster: e2e, user: {sa}, namespace: {namespace}}}\ncurrent-context: {sa}\n",
-        cluster.api_url,
-        ca.display()
-    );
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
 #[tokio::test]
 async fn operator_runs_with_the_charts_service_account() {
     TestNamespace::run("chart-rbac", |t| async move {
@@ -152,7 +130,7 @@ async fn operator_runs_with_the_charts_service_account() {
 async fn run(t: &TestNamespace, op_ns: &str, rendered: &Path) -> anyhow::Result<()> {
     let (ok, out) = kubectl(t.cluster, None, &["apply", "-f", &rendered.to_string_lossy()])?;
     ensure!(ok, "applying the chart's RBAC: {out}");
-    let kubeconfig = service_account_kubeconfig(t.cluster, op_ns, op_ns)?;
+    let kubeconfig = t.cluster.service_account_kubeconfig(op_ns, op_ns)?;
 
     // The identity is the ServiceAccount, and it has no more than the chart grants.
     let (_, who) = kubectl(

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod health;
 pub mod interlink;
 pub mod kubeclient;
 pub mod kubelet;

@@ -25,6 +25,8 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::health::Health;
+
 /// How many applied objects a subscriber may fall behind before the watch waits for it
 /// (backpressure, as kube-runtime's shared streams: nothing is dropped).
 const SUBSCRIBER_BUFFER: usize = 1024;
@@ -178,29 +180,130 @@ where
     })
 }
 
-/// Starts the watch of `api` with `cfg` (retried with kube's default backoff) into a new cache.
-/// `wake` is notified after every event (the scheduler's cycle trigger).
-pub fn spawn<K>(api: Api<K>, cfg: watcher::Config, kind: &'static str, wake: Arc<Notify>) -> Cache<K>
+/// Starts the watch of `api` with `cfg` (retried with kube's default backoff) into a new cache,
+/// reported to `health` as the watch `kind`. `wake` is notified after every event (the
+/// scheduler's cycle trigger).
+pub fn spawn<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    kind: &'static str,
+    wake: Arc<Notify>,
+    health: &Health,
+) -> Cache<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let mut writer: Writer<K> = Writer::default();
     let (cache, fanout, synced_tx) = Cache::feeding(&writer);
+    let guard = health.watch(kind);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stripped_watch(api, cfg));
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
+                    guard.event();
                     apply(&mut writer, &fanout, &event).await;
                     if matches!(event, watcher::Event::InitDone) {
                         let _ = synced_tx.send(true);
                     }
                     wake.notify_one();
                 }
-                Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+                Err(e) => {
+                    guard.error(&e);
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff")
+                }
             }
         }
+        guard.ended("the watch stream ended");
     });
     cache
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+
+    use axum::{
+        Router,
+        body::Body,
+        extract::{Request, State},
+        http::StatusCode,
+        response::{IntoResponse, Response},
+    };
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    use super::*;
+
+    /// An API server that refuses everything (403) until `refuse` is cleared, then lists no
+    /// ConfigMaps and holds every watch open.
+    async fn api_server(refuse: Arc<AtomicBool>) -> String {
+        async fn handle(State(refuse): State<Arc<AtomicBool>>, req: Request) -> Response {
+            if refuse.load(Ordering::SeqCst) {
+                let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"configmaps is forbidden","reason":"Forbidden","code":403}"#;
+                return (StatusCode::FORBIDDEN, body).into_response();
+            }
+            if req.uri().query().is_some_and(|q| q.contains("watch=true")) {
+                let never = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+                return Body::from_stream(never).into_response();
+            }
+            let list =
+                r#"{"kind":"ConfigMapList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":[]}"#;
+            ([("content-type", "application/json")], list).into_response()
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().fallback(handle).with_state(refuse);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_refused_watch_makes_readiness_fail_naming_it_and_recovers_when_it_lists() {
+        let refuse = Arc::new(AtomicBool::new(true));
+        let url = api_server(refuse.clone()).await;
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let health = Health::default();
+        health.set_ready();
+        let cache = spawn(
+            Api::<ConfigMap>::all(client),
+            watcher::Config::default(),
+            "ConfigMap",
+            Arc::new(Notify::new()),
+            &health,
+        );
+        // The first refusal is recorded at once; 40 s on, a watch still failing is reported.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let problems = loop {
+            let p = health.readiness(Instant::now() + Duration::from_secs(40));
+            if !p.is_empty() || Instant::now() > deadline {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(problems.0.len(), 1, "{problems}");
+        assert!(
+            problems.0[0].starts_with("watch ConfigMap failing for 40s:")
+                && problems.0[0].contains("forbidden"),
+            "{problems}"
+        );
+        assert!(
+            health.liveness(Instant::now()).is_empty(),
+            "an API refusal is not a reason to restart"
+        );
+        assert!(!cache.is_synced());
+
+        refuse.store(false, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(20), cache.synced())
+            .await
+            .expect("the cache lists once the API server answers");
+        assert!(
+            health
+                .readiness(Instant::now() + Duration::from_secs(40))
+                .is_empty()
+        );
+    }
 }

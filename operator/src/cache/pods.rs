@@ -27,7 +27,7 @@ use kube::{
 use tokio::sync::{Notify, mpsc};
 
 use super::Cache;
-use crate::{controller::node::node_name, crd::OffloadSite};
+use crate::{controller::node::node_name, crd::OffloadSite, health::Health};
 
 /// `spec.schedulerName` that opts a pod in (also in `scheduler`).
 const SCHEDULER_NAME: &str = "offload-scheduler";
@@ -39,6 +39,16 @@ pub enum Source {
     Scheduler,
     /// Pods bound to this Node.
     Node(String),
+}
+
+impl Source {
+    /// The name its watch has in `/healthz` and `/readyz`.
+    fn watch_name(&self) -> String {
+        match self {
+            Source::Scheduler => format!("Pod schedulerName={SCHEDULER_NAME}"),
+            Source::Node(n) => format!("Pod nodeName={n}"),
+        }
+    }
 }
 
 /// Deleted objects remembered (their last resourceVersion), so a lagging source cannot bring one
@@ -196,7 +206,8 @@ impl Sync {
 
 /// Starts the pod cache: the scheduler's watch now, a watch per site Node as `sites` lists them.
 /// Synced once the scheduler's watch and those of the sites present at the start have listed.
-pub fn spawn(client: Client, sites: Cache<OffloadSite>, wake: Arc<Notify>) -> Cache<Pod> {
+/// Every watch, and the union's own tasks, report to `health`.
+pub fn spawn(client: Client, sites: Cache<OffloadSite>, wake: Arc<Notify>, health: &Health) -> Cache<Pod> {
     let mut writer: Writer<Pod> = Writer::default();
     // The union's readiness is `synced`; the store itself is ready (empty) from the start.
     writer.apply_watcher_event(&watcher::Event::Init);
@@ -206,8 +217,10 @@ pub fn spawn(client: Client, sites: Cache<OffloadSite>, wake: Arc<Notify>) -> Ca
     let api: Api<Pod> = Api::all(client);
     let scheduler = watcher::Config::default().fields(&format!("spec.schedulerName={SCHEDULER_NAME}"));
     // Lives as long as the process: the scheduler's source never stops.
-    drop(start(&api, Source::Scheduler, scheduler, tx.clone()));
-    tokio::spawn(follow_sites(api, sites, tx));
+    drop(start(&api, Source::Scheduler, scheduler, tx.clone(), health));
+    tokio::spawn(follow_sites(api, sites, tx, health.clone()));
+    // The union task is reported like a watch: if it stops, the cache stops changing.
+    let guard = health.watch("Pod union");
     tokio::spawn(async move {
         let mut union = Union::default();
         let mut sync = Sync::default();
@@ -239,6 +252,7 @@ pub fn spawn(client: Client, sites: Cache<OffloadSite>, wake: Arc<Notify>) -> Ca
                 let _ = synced_tx.send(true);
             }
         }
+        guard.ended("every source's sender is gone");
     });
     cache
 }
@@ -249,32 +263,40 @@ fn start(
     source: Source,
     cfg: watcher::Config,
     tx: mpsc::Sender<Feed>,
+    health: &Health,
 ) -> tokio::task::JoinHandle<()> {
     let api = api.clone();
+    // Aborting the task (its site was deleted) drops the guard: the watch is forgotten.
+    let guard = health.watch(source.watch_name());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(super::stripped_watch(api, cfg));
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
+                    guard.event();
                     if tx
                         .send(Feed::Event(source.clone(), Box::new(event)))
                         .await
                         .is_err()
                     {
+                        guard.ended("the pod union is gone");
                         return;
                     }
                 }
                 Err(e) => {
+                    guard.error(&e);
                     tracing::warn!(source = ?source, error = %e, "pod watch failed; retrying with backoff")
                 }
             }
         }
+        guard.ended("the watch stream ended");
     })
 }
 
 /// Keeps one Node source per site in the site cache: started when a site appears, stopped when it
 /// goes. Checks every second (sites change rarely; a new site's Node has no pods yet anyway).
-async fn follow_sites(api: Api<Pod>, sites: Cache<OffloadSite>, tx: mpsc::Sender<Feed>) {
+async fn follow_sites(api: Api<Pod>, sites: Cache<OffloadSite>, tx: mpsc::Sender<Feed>, health: Health) {
+    let guard = health.watch("Pod sources");
     sites.synced().await;
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut first = true;
@@ -292,7 +314,7 @@ async fn follow_sites(api: Api<Pod>, sites: Cache<OffloadSite>, tx: mpsc::Sender
             .collect();
         for node in new {
             let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-            let task = start(&api, Source::Node(node.clone()), cfg, tx.clone());
+            let task = start(&api, Source::Node(node.clone()), cfg, tx.clone(), &health);
             running.insert(node, task);
         }
         let gone: Vec<String> = running.keys().filter(|n| !want.contains(*n)).cloned().collect();
@@ -301,6 +323,7 @@ async fn follow_sites(api: Api<Pod>, sites: Cache<OffloadSite>, tx: mpsc::Sender
                 task.abort();
             }
             if tx.send(Feed::Stopped(Source::Node(node))).await.is_err() {
+                guard.ended("the pod union is gone");
                 return;
             }
         }
@@ -308,6 +331,7 @@ async fn follow_sites(api: Api<Pod>, sites: Cache<OffloadSite>, tx: mpsc::Sender
             first = false;
             let initial = want.into_iter().map(Source::Node).collect();
             if tx.send(Feed::Initial(initial)).await.is_err() {
+                guard.ended("the pod union is gone");
                 return;
             }
         }

@@ -74,32 +74,37 @@ impl Context {
             scoped.clone(),
             "OffloadSite",
             wake.clone(),
+            &health,
         );
         let policies = cache::spawn(
             Api::<OffloadPolicy>::all(client.clone()),
             scoped.clone(),
             "OffloadPolicy",
             wake.clone(),
+            &health,
         );
         let jobs = cache::spawn(
             Api::<RemoteJob>::all(client.clone()),
             scoped,
             "RemoteJob",
             wake.clone(),
+            &health,
         );
         let namespaces = cache::spawn(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default().any_semantic(),
             "Namespace",
             wake.clone(),
+            &health,
         );
         let nodes = cache::spawn(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().labels(node::SITE_LABEL),
             "Node",
             wake.clone(),
+            &health,
         );
-        let pods = cache::pods::spawn(client.clone(), sites.clone(), wake.clone());
+        let pods = cache::pods::spawn(client.clone(), sites.clone(), wake.clone(), &health);
         Arc::new(Context {
             events: Events::new(client.clone()),
             client,
