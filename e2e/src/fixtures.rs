@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams},
@@ -43,6 +43,45 @@ pub async fn wait_site_ready(sites: &Api<OffloadSite>, name: &str) -> anyhow::Re
                 })
                 .map(|_| ()),
         )
+    })
+    .await
+}
+
+/// The site's condition `type_` once its status is `status` (`"True"`/`"False"`).
+pub async fn site_condition(
+    sites: &Api<OffloadSite>,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> anyhow::Result<Condition> {
+    wait::until(&format!("site {name} {type_}={status}"), TIMEOUT, || async {
+        let s = sites.get(name).await?;
+        Ok::<_, kube::Error>(
+            s.status
+                .into_iter()
+                .flat_map(|st| st.conditions)
+                .find(|c| c.type_ == type_ && c.status == status),
+        )
+    })
+    .await
+}
+
+/// The pod once its phase is `want`; on timeout the error says where it is stuck.
+pub async fn wait_phase(pods: &Api<Pod>, name: &str, want: &str, within: Duration) -> anyhow::Result<Pod> {
+    wait::until(&format!("pod {name} {want}"), within, || async {
+        let p = pods.get(name).await.map_err(|e| e.to_string())?;
+        let status = p.status.clone().unwrap_or_default();
+        let phase = status.phase.clone().unwrap_or_default();
+        if phase == want {
+            return Ok(Some(p));
+        }
+        let states: Vec<String> = status
+            .container_statuses
+            .unwrap_or_default()
+            .iter()
+            .map(|c| format!("{:?}", c.state))
+            .collect();
+        Err(format!("phase {phase:?}, containers {states:?}"))
     })
     .await
 }
@@ -145,6 +184,22 @@ impl SiteBuilder {
         self
     }
 
+    /// Every key of `extra` (an object) replaces the spec key of that name.
+    pub fn merge(mut self, extra: Value) -> Self {
+        if let (Some(spec), Some(extra)) = (self.spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        self
+    }
+
+    /// Removes a default spec key (e.g. `capacity`, to let the site report its own).
+    pub fn unset(mut self, key: &str) -> Self {
+        if let Some(spec) = self.spec.as_object_mut() {
+            spec.remove(key);
+        }
+        self
+    }
+
     /// The simulator holds every pod this long before it starts.
     pub fn sim_queue_delay(mut self, d: Duration) -> Self {
         self.sim_queue_delay = d;
@@ -203,6 +258,20 @@ impl PolicyBuilder {
         self
     }
 
+    /// Every key of `extra` (an object) replaces the spec key of that name.
+    pub fn merge(mut self, extra: Value) -> Self {
+        if let (Some(spec), Some(extra)) = (self.spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        self
+    }
+
+    /// `spec.sites`: only these sites (full names), in this order.
+    pub fn sites(mut self, full_names: &[&str]) -> Self {
+        self.spec["sites"] = json!(full_names);
+        self
+    }
+
     /// `spec.weights`: queue time, cost, free capacity, GPU fit.
     pub fn weights(mut self, queue: u32, cost: u32, free: u32, gpu: u32) -> Self {
         self.spec["weights"] = json!({"queueTime": queue, "cost": cost, "freeCapacity": free, "gpuFit": gpu});
@@ -224,6 +293,8 @@ pub struct PodBuilder {
     name: String,
     annotations: serde_json::Map<String, Value>,
     requests: serde_json::Map<String, Value>,
+    command: Option<String>,
+    spec: serde_json::Map<String, Value>,
 }
 
 /// A [`PodBuilder`] named `name`, asking for 1 CPU and 1Gi, that runs for an hour at a simulated
@@ -240,10 +311,43 @@ pub fn pod_builder(name: &str) -> PodBuilder {
         ]
         .into_iter()
         .collect(),
+        command: None,
+        spec: [("schedulerName".to_string(), json!("offload-scheduler"))]
+            .into_iter()
+            .collect(),
     }
 }
 
 impl PodBuilder {
+    /// Runs `sh -c script` (the simulator runs it for real unless it simulates).
+    pub fn script(mut self, script: &str) -> Self {
+        self.command = Some(script.into());
+        self
+    }
+
+    /// Bound straight to the virtual Node of site `full_name` (as kube-scheduler binds a pod
+    /// pinned the interLink way), instead of naming the offload scheduler.
+    pub fn on_node(mut self, full_name: &str) -> Self {
+        self.spec.remove("schedulerName");
+        self.spec
+            .insert("nodeName".into(), format!("offload-{full_name}").into());
+        self
+    }
+
+    /// Every key of `extra` (an object) replaces the pod spec key of that name.
+    pub fn merge_spec(mut self, extra: Value) -> Self {
+        if let Some(extra) = extra.as_object() {
+            self.spec.extend(extra.clone());
+        }
+        self
+    }
+
+    /// Adds an annotation.
+    pub fn annotate(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+
     /// Names the policy (`offload.dev/policy`).
     pub fn policy(mut self, full_name: &str) -> Self {
         self.annotations
@@ -281,11 +385,18 @@ impl PodBuilder {
             .filter(|(k, _)| k.contains('/'))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let mut main = json!({"name": "main", "image": "busybox",
+                              "resources": {"requests": self.requests, "limits": limits}});
+        if let Some(script) = &self.command {
+            main["command"] = json!(["sh", "-c", script]);
+        }
+        let mut spec = json!({"restartPolicy": "Never", "containers": [main]});
+        if let Some(s) = spec.as_object_mut() {
+            s.extend(self.spec.clone());
+        }
         Ok(serde_json::from_value(json!({
             "metadata": {"name": self.name, "annotations": self.annotations},
-            "spec": {"schedulerName": "offload-scheduler", "restartPolicy": "Never",
-                     "containers": [{"name": "main", "image": "busybox",
-                                     "resources": {"requests": self.requests, "limits": limits}}]}
+            "spec": spec
         }))?)
     }
 }

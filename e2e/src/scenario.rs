@@ -5,7 +5,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition};
 use kube::{Api, api::PostParams};
 use offload_operator::crd::{OffloadPolicy, OffloadSite};
 use tokio::sync::Mutex;
@@ -24,7 +24,10 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 pub struct Scenario {
     /// The test namespace.
     pub t: TestNamespace,
-    op: Mutex<Operator>,
+    op: Mutex<Option<Operator>>,
+    /// The log of the operator last started (kept when it is stopped).
+    log: Mutex<std::path::PathBuf>,
+    operator_args: Vec<String>,
     sims: Mutex<Vec<Arc<SimHandle>>>,
     site_names: Mutex<Vec<String>>,
     default_policy: String,
@@ -45,8 +48,19 @@ impl Scenario {
         F: FnOnce(Arc<Scenario>) -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
+        Scenario::run_with(test, &[], body).await;
+    }
+
+    /// [`Scenario::run`] with extra operator arguments (kept across restarts).
+    pub async fn run_with<F, Fut>(test: &str, operator_args: &[&str], body: F)
+    where
+        F: FnOnce(Arc<Scenario>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let operator_args: Vec<String> = operator_args.iter().map(|a| a.to_string()).collect();
         TestNamespace::run(test, |t| async move {
-            let op = Operator::start(t.cluster, &t.name).await?;
+            let args: Vec<&str> = operator_args.iter().map(String::as_str).collect();
+            let op = Operator::start_with(t.cluster, &t.name, &args).await?;
             t.default_service_account().await?;
             // Pods of this scenario name its own default policy: in a cluster shared with other
             // tests, another operator would otherwise be as entitled to place them.
@@ -64,11 +78,17 @@ impl Scenario {
                 policies: Api::all(t.client.clone()),
                 pods: Api::namespaced(t.client.clone(), &t.name),
                 t,
-                op: Mutex::new(op),
+                log: Mutex::new(op.log.clone()),
+                op: Mutex::new(Some(op)),
+                operator_args,
                 sims: Mutex::default(),
                 site_names: Mutex::default(),
             });
             let result = body(s.clone()).await;
+            // Cleanup needs an operator (site finalizers): start one if the body left it stopped.
+            if s.op.lock().await.is_none() {
+                s.start_operator().await?;
+            }
             let names = s.site_names.lock().await.clone();
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let mut cleanup = fixtures::delete_sites(&s.t, &s.sites, &refs).await;
@@ -77,7 +97,9 @@ impl Scenario {
                 cleanup = cleanup.and(Err(e.into()));
             }
             if result.is_err() || cleanup.is_err() {
-                eprintln!("{}", s.op.lock().await.log_tail(120));
+                if let Some(op) = s.op.lock().await.as_ref() {
+                    eprintln!("{}", op.log_tail(120));
+                }
             }
             result.and(cleanup)
         })
@@ -89,14 +111,50 @@ impl Scenario {
         format!("{}-{short}", self.t.name)
     }
 
+    /// The scenario's default policy (every site, default weights): its cluster-wide name.
+    pub fn default_policy(&self) -> &str {
+        &self.default_policy
+    }
+
     /// A pod of this scenario under its default policy (every site, default weights).
     pub fn pod(&self, name: &str) -> PodBuilder {
         fixtures::pod_builder(name).policy(&self.default_policy)
     }
 
+    /// Starts a simulator kept for the scenario's lifetime (for a site created with
+    /// [`Scenario::create_site`]).
+    pub async fn sim(&self, config: SimConfig) -> anyhow::Result<Arc<SimHandle>> {
+        let sim = Arc::new(SimHandle::start(config).await?);
+        self.sims.lock().await.push(sim.clone());
+        Ok(sim)
+    }
+
+    /// Creates the site at `endpoint` without waiting for it (deleted with the scenario); returns
+    /// its cluster-wide name.
+    pub async fn create_site(&self, b: &SiteBuilder, endpoint: &str) -> anyhow::Result<String> {
+        let name = self.name(&b.name);
+        self.sites
+            .create(&PostParams::default(), &b.build(&self.t.name, &name, endpoint)?)
+            .await
+            .with_context(|| format!("creating site {name}"))?;
+        self.site_names.lock().await.push(name.clone());
+        Ok(name)
+    }
+
     /// Starts a simulator for the site, creates the site there, and waits until it is Ready.
     pub async fn site(&self, b: SiteBuilder) -> anyhow::Result<Arc<SimHandle>> {
         self.site_with(b, |_| {}).await
+    }
+
+    /// The site's condition `type_` once its status is `status` (`"True"`/`"False"`); `site` is
+    /// the cluster-wide name.
+    pub async fn condition(&self, site: &str, type_: &str, status: &str) -> anyhow::Result<Condition> {
+        fixtures::site_condition(&self.sites, site, type_, status).await
+    }
+
+    /// The pod once its phase is `want`.
+    pub async fn phase(&self, pod: &str, want: &str, within: Duration) -> anyhow::Result<Pod> {
+        fixtures::wait_phase(&self.pods, pod, want, within).await
     }
 
     /// [`Scenario::site`] with the simulator's configuration changed by `configure` first (TLS,
@@ -112,14 +170,8 @@ impl Scenario {
             ..SimConfig::default()
         };
         configure(&mut config);
-        let sim = Arc::new(SimHandle::start(config).await?);
-        let name = self.name(&b.name);
-        self.sites
-            .create(&PostParams::default(), &b.build(&self.t.name, &name, &sim.url)?)
-            .await
-            .with_context(|| format!("creating site {name}"))?;
-        self.site_names.lock().await.push(name.clone());
-        self.sims.lock().await.push(sim.clone());
+        let sim = self.sim(config).await?;
+        let name = self.create_site(&b, &sim.url).await?;
         fixtures::wait_site_ready(&self.sites, &name).await?;
         Ok(sim)
     }
@@ -155,26 +207,55 @@ impl Scenario {
 
     /// Waits until the pod runs.
     pub async fn running(&self, pod: &str, within: Duration) -> anyhow::Result<Pod> {
-        wait::until(&format!("pod {pod} Running"), within, || async {
-            let p = self.pods.get(pod).await?;
-            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            Ok::<_, kube::Error>(running.then_some(p))
-        })
-        .await
+        self.phase(pod, "Running", within).await
     }
 
-    /// The operator's log so far.
+    /// The operator's log so far (of the running one, or of the last one stopped, until the next
+    /// start rewrites it).
     pub async fn operator_log(&self) -> String {
-        let path = self.op.lock().await.log.clone();
+        let path = self.log.lock().await.clone();
         std::fs::read_to_string(path).unwrap_or_default()
     }
 
-    /// Kills the operator and starts a new one (same namespace and selector).
-    pub async fn restart_operator(&self) -> anyhow::Result<()> {
+    /// The running operator's metrics and health server (`http://127.0.0.1:<port>`).
+    pub async fn metrics_url(&self) -> anyhow::Result<String> {
+        let op = self.op.lock().await;
+        Ok(op
+            .as_ref()
+            .context("the operator is stopped")?
+            .metrics_url
+            .clone())
+    }
+
+    /// `GET` of a path on the operator's metrics and health server (e.g. `/metrics`).
+    pub async fn operator_get(&self, path: &str) -> anyhow::Result<String> {
+        let op = self.op.lock().await;
+        op.as_ref().context("the operator is stopped")?.get(path).await
+    }
+
+    /// Kills the operator (SIGKILL: no cleanup), until [`Scenario::start_operator`].
+    pub async fn stop_operator(&self) {
+        if let Some(mut op) = self.op.lock().await.take() {
+            op.kill().await;
+        }
+    }
+
+    /// Starts an operator (same namespace, selector and arguments) if none runs.
+    pub async fn start_operator(&self) -> anyhow::Result<()> {
         let mut op = self.op.lock().await;
-        op.kill().await;
-        *op = Operator::start(self.t.cluster, &self.t.name).await?;
+        if op.is_none() {
+            let args: Vec<&str> = self.operator_args.iter().map(String::as_str).collect();
+            let started = Operator::start_with(self.t.cluster, &self.t.name, &args).await?;
+            *self.log.lock().await = started.log.clone();
+            *op = Some(started);
+        }
         Ok(())
+    }
+
+    /// Kills the operator and starts a new one (same namespace, selector and arguments).
+    pub async fn restart_operator(&self) -> anyhow::Result<()> {
+        self.stop_operator().await;
+        self.start_operator().await
     }
 
     /// `offload-operator explain --pod <namespace>/<pod>` as text, limited to this scenario's sites.

@@ -6,22 +6,24 @@
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, PostParams},
 };
 use offload_e2e::{
-    TestNamespace,
-    fixtures::{delete_sites, site, wait_site_ready},
-    operator::{Operator, TEST_LABEL},
-    sitesim::{SimConfig, SimHandle},
+    fixtures::{policy_builder, site_builder},
+    operator::TEST_LABEL,
+    scenario::Scenario,
+    sitesim::SimHandle,
     wait,
 };
-use offload_operator::crd::{OffloadPolicy, OffloadSite, RemoteJob, remote_job::RemoteJobPhase};
+use offload_operator::crd::{RemoteJob, remote_job::RemoteJobPhase};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -33,32 +35,22 @@ fn size(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Two simulated sites that run every container as a timer.
-async fn sites(t: &TestNamespace) -> anyhow::Result<(Vec<SimHandle>, Vec<String>)> {
-    let api: Api<OffloadSite> = Api::all(t.client.clone());
+/// Two simulated sites that run every container as a timer, each Ready: the simulators and the
+/// sites' full names.
+async fn sites(s: &Scenario) -> anyhow::Result<(Vec<Arc<SimHandle>>, Vec<String>)> {
     let (mut sims, mut names) = (Vec::new(), Vec::new());
     for suffix in ["a", "b"] {
-        let sim = SimHandle::start(SimConfig {
-            simulate: true,
-            slots: 100_000,
-            ..SimConfig::default()
-        })
-        .await?;
-        let name = format!("{}-{suffix}", t.name);
-        api.create(
-            &PostParams::default(),
-            &site(&t.name, &name, &sim.url, json!({}))?,
-        )
-        .await?;
+        // `site_with` runs the simulator with `simulate: true`.
+        let sim = s.site_with(site_builder(suffix), |c| c.slots = 100_000).await?;
         sims.push(sim);
-        names.push(name);
+        names.push(s.name(suffix));
     }
     Ok((sims, names))
 }
 
 /// The operator's CPU seconds and resident memory, from its own process metrics.
-async fn process(op: &Operator) -> anyhow::Result<(f64, f64)> {
-    let text = op.get("/metrics").await?;
+async fn process(s: &Scenario) -> anyhow::Result<(f64, f64)> {
+    let text = s.operator_get("/metrics").await?;
     let value = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
@@ -73,32 +65,21 @@ async fn process(op: &Operator) -> anyhow::Result<(f64, f64)> {
 #[tokio::test]
 #[ignore = "a load benchmark: make bench-e2e"]
 async fn remote_jobs_under_load() {
-    TestNamespace::run("load-jobs", |t| async move {
+    Scenario::run("load-jobs", |s| async move {
         let n = size("OFFLOAD_LOAD_JOBS", 300);
-        let op = Operator::start(t.cluster, &t.name).await?;
-        let (sims, names) = sites(&t).await?;
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        policies
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadPolicy",
-                    "metadata": {"name": t.name, "labels": {TEST_LABEL: t.name}},
-                    "spec": {"sites": names, "strategy": "Spread"}}))?,
-            )
+        let (sims, names) = sites(&s).await?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let policy = s
+            .policy(policy_builder("jobs").sites(&refs).merge(json!({"strategy": "Spread"})))
             .await?;
-        let jobs: Api<RemoteJob> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
-        let sites_api: Api<OffloadSite> = Api::all(t.client.clone());
+        let jobs: Api<RemoteJob> = Api::namespaced(s.t.client.clone(), &s.t.name);
         let result = async {
-            for s in &names {
-                wait_site_ready(&sites_api, s).await?;
-            }
-            let (cpu0, _) = process(&op).await?;
+            let (cpu0, _) = process(&s).await?;
             let start = Instant::now();
             for i in 0..n {
                 let job: RemoteJob = serde_json::from_value(json!({"apiVersion": "offload.dev/v1alpha1",
-                    "kind": "RemoteJob", "metadata": {"name": format!("j{i}"), "labels": {TEST_LABEL: t.name}},
-                    "spec": {"policy": t.name, "template": {"metadata": {"annotations": {
+                    "kind": "RemoteJob", "metadata": {"name": format!("j{i}"), "labels": {TEST_LABEL: s.t.name}},
+                    "spec": {"policy": policy, "template": {"metadata": {"annotations": {
                         "sitesim.offload.dev/duration-seconds": "2"}},
                         "spec": {"containers": [{"name": "main", "image": "busybox"}]}}}}))?;
                 jobs.create(&PostParams::default(), &job).await?;
@@ -116,8 +97,8 @@ async fn remote_jobs_under_load() {
             })
             .await?;
             let all = start.elapsed();
-            let (cpu1, rss) = process(&op).await?;
-            let stats: Vec<_> = sims.iter().map(|s| s.stats()).collect();
+            let (cpu1, rss) = process(&s).await?;
+            let stats: Vec<_> = sims.iter().map(|sim| sim.stats()).collect();
             offload_e2e::sitesim::exactly_once(&stats, n)?;
             let creates: usize = stats.iter().map(|s| s.creates_per_uid.len()).sum();
             println!(
@@ -132,18 +113,16 @@ async fn remote_jobs_under_load() {
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        // The jobs go first, so that no job makes a new attempt pod while the runner deletes the
+        // pods and the sites.
         for j in jobs.list(&ListParams::default()).await?.items {
             let _ = jobs.delete(&j.name_any(), &DeleteParams::background()).await;
         }
         wait::until("the attempt pods to go", TIMEOUT, || async {
-            Ok::<_, kube::Error>(pods.list(&ListParams::default()).await?.items.is_empty().then_some(()))
+            Ok::<_, kube::Error>(s.pods.list(&ListParams::default()).await?.items.is_empty().then_some(()))
         })
         .await?;
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        delete_sites(&t, &sites_api, &refs).await?;
-        policies.delete(&t.name, &DeleteParams::default()).await?;
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+        result
     })
     .await;
 }
@@ -151,27 +130,18 @@ async fn remote_jobs_under_load() {
 #[tokio::test]
 #[ignore = "a load benchmark: make bench-e2e"]
 async fn offloaded_pods_under_load() {
-    TestNamespace::run("load-pods", |t| async move {
+    Scenario::run("load-pods", |s| async move {
         let n = size("OFFLOAD_LOAD_PODS", 500);
-        let op = Operator::start(t.cluster, &t.name).await?;
-        let (sims, names) = sites(&t).await?;
-        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
-        t.default_service_account().await?;
-        let sites_api: Api<OffloadSite> = Api::all(t.client.clone());
+        let (sims, _) = sites(&s).await?;
+        let pods = &s.pods;
         let result = async {
-            for s in &names {
-                wait_site_ready(&sites_api, s).await?;
-            }
-            let (cpu0, _) = process(&op).await?;
+            let (cpu0, _) = process(&s).await?;
             let status0: u64 = sims.iter().map(|s| s.stats().status_requests).sum();
             let start = Instant::now();
             for i in 0..n {
-                // Placed by the offload scheduler (default policy: every site).
-                let p: Pod = serde_json::from_value(json!({"metadata": {"name": format!("p{i}"),
-                    "annotations": {"sitesim.offload.dev/duration-seconds": "600"}},
-                    "spec": {"schedulerName": "offload-scheduler", "restartPolicy": "Never",
-                        "containers": [{"name": "main", "image": "busybox",
-                            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}}))?;
+                // Placed by the offload scheduler under the scenario's default policy (every
+                // site), so no other test's operator is entitled to them.
+                let p = s.pod(&format!("p{i}")).cpu("100m").runs_for(600).build()?;
                 pods.create(&PostParams::default(), &p).await?;
             }
             let created = start.elapsed();
@@ -188,10 +158,10 @@ async fn offloaded_pods_under_load() {
             .await?;
             let all = start.elapsed();
             // A quiet minute-fraction with every pod running: what steady state costs.
-            let (cpu1, _) = process(&op).await?;
+            let (cpu1, _) = process(&s).await?;
             let status1: u64 = sims.iter().map(|s| s.stats().status_requests).sum();
             tokio::time::sleep(Duration::from_secs(20)).await;
-            let (cpu2, rss) = process(&op).await?;
+            let (cpu2, rss) = process(&s).await?;
             let status2: u64 = sims.iter().map(|s| s.stats().status_requests).sum();
             let stats: Vec<_> = sims.iter().map(|s| s.stats()).collect();
             offload_e2e::sitesim::exactly_once(&stats, n)?;
@@ -213,11 +183,7 @@ async fn offloaded_pods_under_load() {
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        delete_sites(&t, &sites_api, &refs).await?;
-        result
-            .context("load benchmark")
-            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", op.log_tail(60)))
+        result.context("load benchmark")
     })
     .await;
 }

@@ -10,20 +10,19 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{Context, anyhow, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    Api, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
+    Api,
+    api::{DeleteParams, PostParams},
 };
 use offload_e2e::{
-    TestNamespace,
     cluster::repo_root,
-    operator::{Operator, TEST_LABEL, free_port},
+    fixtures::{pod_builder, policy_builder, site_builder},
+    operator::{TEST_LABEL, free_port},
     prometheus::{JOB, Prometheus},
-    sitesim::{SimConfig, SimHandle},
+    scenario::Scenario,
     wait,
 };
-use offload_operator::crd::{OffloadPolicy, OffloadSite, RemoteJob};
+use offload_operator::crd::RemoteJob;
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -43,25 +42,6 @@ const ALLOWED_LABELS: [&str; 11] = [
     "phase",
 ];
 
-fn site(ns: &str, name: &str, endpoint: &str) -> anyhow::Result<OffloadSite> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
-        "metadata": {"name": name, "labels": {TEST_LABEL: ns}},
-        "spec": {"endpoint": endpoint, "namespaceSelector": {}, "statusSyncIntervalSeconds": 1,
-            "capacity": {"cpu": "100", "memory": "1Ti", "pods": 100},
-            "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}}
-    }))?)
-}
-
-fn pod(name: &str, policy: &str, cpu: &str, script: &str) -> anyhow::Result<Pod> {
-    Ok(serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": {"offload.dev/policy": policy}},
-        "spec": {"schedulerName": "offload-scheduler", "restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script],
-                "resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}}]}
-    }))?)
-}
-
 /// `{name: type}` of the tables in docs/metrics.md.
 fn documented() -> anyhow::Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(repo_root().join("docs/metrics.md"))?;
@@ -80,32 +60,31 @@ fn documented() -> anyhow::Result<Vec<(String, String)>> {
 
 #[tokio::test]
 async fn prometheus_scrapes_site_pod_and_placement_metrics() {
-    TestNamespace::run("prometheus", |t| async move {
-        let op = Operator::start(t.cluster, &t.name).await?;
-        let target = op.metrics_url.trim_start_matches("http://").to_string();
+    Scenario::run("prometheus", |s| async move {
+        let t = &s.t;
+        let target = s.metrics_url().await?.trim_start_matches("http://").to_string();
         let prom = Prometheus::start(&t.cluster.dir, &[target]).await?;
-        let sim = SimHandle::start(SimConfig::default()).await?;
-        let (up, down) = (format!("{}-up", t.name), format!("{}-down", t.name));
-        let policy_name = format!("{}-batch", t.name);
-        let sites: Api<OffloadSite> = Api::all(t.client.clone());
-        let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
-        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+        let pods = &s.pods;
         let pp = PostParams::default();
-        sites.create(&pp, &site(&t.name, &up, &sim.url)?).await?;
+        let capacity = json!({"cpu": "100", "memory": "1Ti", "pods": 100});
+        // Scripts run for real at the simulator.
+        s.site_with(site_builder("up").set("capacity", capacity.clone()), |c| {
+            c.simulate = false
+        })
+        .await?;
         // Nothing listens there: the site is never up.
         let closed = format!("http://127.0.0.1:{}", free_port()?);
-        sites.create(&pp, &site(&t.name, &down, &closed)?).await?;
-        policies
-            .create(
-                &pp,
-                &serde_json::from_value(json!({
-                    "apiVersion": "offload.dev/v1alpha1", "kind": "OffloadPolicy",
-                    "metadata": {"name": policy_name, "labels": {TEST_LABEL: t.name}},
-                    "spec": {"priority": 10}
-                }))?,
-            )
+        s.create_site(&site_builder("down").set("capacity", capacity), &closed)
             .await?;
-        t.default_service_account().await?;
+        let (up, down) = (s.name("up"), s.name("down"));
+        let policy_name = s.policy(policy_builder("batch").priority(10)).await?;
+        let pod = |name: &str, cpu: &str, script: &str| {
+            pod_builder(name)
+                .policy(&policy_name)
+                .cpu(cpu)
+                .script(script)
+                .build()
+        };
 
         let result = async {
             let q = |s: &str| {
@@ -120,11 +99,9 @@ async fn prometheus_scrapes_site_pod_and_placement_metrics() {
 
             // Two pods placed at the reachable site, running; one that no site fits.
             for name in ["sleeper-1", "sleeper-2"] {
-                pods.create(&pp, &pod(name, &policy_name, "100m", "sleep 60")?)
-                    .await?;
+                pods.create(&pp, &pod(name, "100m", "sleep 60")?).await?;
             }
-            pods.create(&pp, &pod("too-big", &policy_name, "500", "true")?)
-                .await?;
+            pods.create(&pp, &pod("too-big", "500", "true")?).await?;
             for name in ["sleeper-1", "sleeper-2"] {
                 wait::until(&format!("{name} Running"), TIMEOUT, || async {
                     let p = pods.get(name).await?;
@@ -250,20 +227,8 @@ async fn prometheus_scrapes_site_pod_and_placement_metrics() {
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        for p in pods.list(&ListParams::default()).await?.items {
-            let _ = pods.delete(&p.name_any(), &DeleteParams::default()).await;
-        }
-        let _ = policies.delete(&policy_name, &DeleteParams::default()).await;
-        for name in [&up, &down] {
-            let _ = sites.delete(name, &DeleteParams::default()).await;
-        }
-        for name in [&up, &down] {
-            wait::until("site gone", TIMEOUT, || async {
-                Ok::<_, kube::Error>(sites.get_opt(name).await?.is_none().then_some(()))
-            })
-            .await?;
-        }
-        result.map_err(|e| anyhow!("{e:#}\n{}\n{}", op.log_tail(60), prom.log_tail(20)))
+        // The runner prints the operator's log; Prometheus's is ours to add.
+        result.map_err(|e| anyhow!("{e:#}\n{}", prom.log_tail(20)))
     })
     .await;
 }
