@@ -273,7 +273,10 @@ fn start(
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
-                    guard.event();
+                    if !matches!(event, watcher::Event::Init) {
+                        // `Init` comes before every list request, failing or not: no proof.
+                        guard.event();
+                    }
                     if tx
                         .send(Feed::Event(source.clone(), Box::new(event)))
                         .await
