@@ -237,6 +237,12 @@ async fn pods_go_to_the_best_site_and_explain_why() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let site = s.place(pod("after-outage", &cheap_pol, "1", 0)).await?;
         ensure!(site == "hpc", "only the HPC site is left: {site}");
+        // The cloud site stays down, so its pods cannot be deleted there: remove them at once
+        // (as a node's pods are force-deleted), or the runner's cleanup would wait for them.
+        for p in pods.list(&ListParams::default()).await?.items {
+            pods.delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                .await?;
+        }
         Ok(())
     })
     .await;
