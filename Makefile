@@ -5,7 +5,7 @@ CARGO ?= cargo
 E2E_BIN := e2e/bin
 
 .PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus chart-check cluster-up cluster-down \
-	demo demo-down bench-e2e interlink interlink-up interlink-down slurm-up slurm-down
+	demo demo-down bench-e2e bench-compare interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -72,6 +72,15 @@ bench-e2e: control-plane ## end-to-end load benchmarks (RemoteJobs, offloaded po
 	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
 	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
 	OFFLOAD_E2E_CLUSTER="$$dir" $(CARGO) test --release -p offload-e2e --test load -- --ignored --nocapture --test-threads=1
+
+bench-compare: control-plane ## interLink's virtual kubelet vs offload-operator vs a floor on the same workload (release build); prints the table
+	$(CARGO) build --release -p offload-operator -p offload-e2e --bins
+	@vk="$$($(E2E_BIN)/build-interlink | tail -n 1)/virtual-kubelet"; \
+	dir=$$(mktemp -d /tmp/offload-compare.XXXXXX); \
+	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
+	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
+	OFFLOAD_VK_BIN="$$vk" OFFLOAD_E2E_TEST_TIMEOUT=7200 OFFLOAD_E2E_CLUSTER="$$dir" \
+	  $(CARGO) test --release -p offload-e2e --test compare -- --ignored --nocapture --test-threads=1
 
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
 	@$(E2E_BIN)/cluster-up

@@ -9,6 +9,7 @@
 // Test support reports failures by panicking, as the test harness expects.
 #![allow(clippy::panic)]
 
+pub mod bench;
 pub mod cluster;
 pub mod fixtures;
 pub mod namespace;

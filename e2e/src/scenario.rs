@@ -96,10 +96,10 @@ impl Scenario {
             if let Err(e) = s.policies.delete_collection(&Default::default(), &mine).await {
                 cleanup = cleanup.and(Err(e.into()));
             }
-            if result.is_err() || cleanup.is_err() {
-                if let Some(op) = s.op.lock().await.as_ref() {
-                    eprintln!("{}", op.log_tail(120));
-                }
+            if (result.is_err() || cleanup.is_err())
+                && let Some(op) = s.op.lock().await.as_ref()
+            {
+                eprintln!("{}", op.log_tail(120));
             }
             result.and(cleanup)
         })
@@ -215,6 +215,11 @@ impl Scenario {
     pub async fn operator_log(&self) -> String {
         let path = self.log.lock().await.clone();
         std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// The running operator's process id.
+    pub async fn operator_pid(&self) -> Option<u32> {
+        self.op.lock().await.as_ref().and_then(Operator::pid)
     }
 
     /// The running operator's metrics and health server (`http://127.0.0.1:<port>`).

@@ -1,0 +1,520 @@
+//! `make bench-compare`: one workload through three systems on one control plane, with the same
+//! simulated site type, printing what each costs.
+//!
+//! - **A, interLink's virtual kubelet** (0.6.2, built by `e2e/bin/build-interlink`), configured as
+//!   its docs say, one process per site; pods pinned with a nodeSelector and a toleration.
+//! - **B, offload-operator**: pods pinned the same way to its virtual Node (B1), and placed by the
+//!   offload scheduler (B2).
+//! - **C, the floor** (`offload-floor`): only the API writes a kubelet cannot avoid (one status write
+//!   per pod and the final delete), talking to no site.
+//!
+//! Workload: a burst of `OFFLOAD_COMPARE_PODS` (1,000) pods on one site, held Running for
+//! `OFFLOAD_COMPARE_STEADY_SECONDS` (300), then deleted. Per system: creation to Running (p50, p99,
+//! max; watched, and from the pods' Ready condition), site requests per pod per minute at steady
+//! state (simulator counts), API-server requests by verb and resource (`apiserver_request_total`
+//! delta), API writes per pod lifecycle, CPU seconds and peak RSS of the system's processes.
+
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, ensure};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Pod},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use offload_e2e::{
+    TestNamespace,
+    bench::{self, ProcUsage, RequestCounts},
+    cluster::workspace_binary,
+    fixtures::site_builder,
+    operator::free_port,
+    scenario::Scenario,
+    sitesim::{SimConfig, SimHandle},
+    wait,
+};
+use serde_json::json;
+
+fn setting(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Where the workload's pods go.
+#[derive(Clone)]
+enum Target {
+    /// Pinned to this Node the interLink way (nodeSelector on the hostname, tolerations).
+    Node(String),
+    /// Placed by the offload scheduler under this policy.
+    Scheduler(String),
+}
+
+/// One pod of the workload: tiny requests, no service-account token (the same API work for every
+/// system), running an hour at a simulated site.
+fn pod(name: &str, target: &Target) -> anyhow::Result<Pod> {
+    let mut p = json!({
+        "metadata": {"name": name, "annotations": {"sitesim.offload.dev/duration-seconds": "3600"}},
+        "spec": {"automountServiceAccountToken": false, "restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": "busybox",
+                                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}
+    });
+    match target {
+        Target::Node(node) => {
+            p["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+            p["spec"]["tolerations"] = json!([{"operator": "Exists"}]);
+        }
+        Target::Scheduler(policy) => {
+            p["spec"]["schedulerName"] = "offload-scheduler".into();
+            p["metadata"]["annotations"]["offload.dev/policy"] = policy.as_str().into();
+        }
+    }
+    Ok(serde_json::from_value(p)?)
+}
+
+/// What one system cost.
+#[derive(Clone, Debug, Default)]
+struct Row {
+    system: String,
+    pods: usize,
+    /// Seconds from creation to Running as watched: p50, p99, max.
+    watched: [f64; 3],
+    /// Seconds from `creationTimestamp` to the Ready condition: p50, p99, max.
+    conditions: [f64; 3],
+    site_requests_per_pod_minute: f64,
+    pod_writes_per_pod: f64,
+    all_writes_per_pod: f64,
+    steady_api_requests_per_minute: f64,
+    steady_cores: f64,
+    usage: ProcUsage,
+    top: Vec<(String, f64)>,
+}
+
+fn site_requests(sims: &[Arc<SimHandle>]) -> u64 {
+    sims.iter()
+        .map(|s| {
+            let st = s.stats();
+            st.status_requests
+                + st.pings
+                + st.deletes
+                + st.log_requests
+                + st.creates_per_uid.values().map(|n| u64::from(*n)).sum::<u64>()
+        })
+        .sum()
+}
+
+fn usage(pids: &[u32]) -> ProcUsage {
+    pids.iter()
+        .filter_map(|p| bench::proc_usage(*p).ok())
+        .fold(ProcUsage::default(), |a, b| a + b)
+}
+
+fn total(c: &RequestCounts) -> f64 {
+    c.values().sum()
+}
+
+fn stats3(v: &[f64]) -> [f64; 3] {
+    [
+        bench::quantile(v, 0.5),
+        bench::quantile(v, 0.99),
+        bench::quantile(v, 1.0),
+    ]
+}
+
+/// Runs the workload against `target` and measures it; `pids` are the system's processes.
+async fn measure(
+    t: &TestNamespace,
+    system: &str,
+    target: Target,
+    sims: &[Arc<SimHandle>],
+    pids: &[u32],
+) -> anyhow::Result<Row> {
+    let n = setting("OFFLOAD_COMPARE_PODS", 1000) as usize;
+    let steady = Duration::from_secs(setting("OFFLOAD_COMPARE_STEADY_SECONDS", 300));
+    let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+    let api_start = bench::apiserver_requests(&t.client).await?;
+
+    // First time each pod is seen Running.
+    let running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let (pods, running) = (pods.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(
+                watcher(pods, watcher::Config::default())
+                    .default_backoff()
+                    .applied_objects()
+            );
+            while let Some(Ok(p)) = s.next().await {
+                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+                    running
+                        .lock()
+                        .unwrap()
+                        .entry(p.name_any())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let burst = Instant::now();
+    let created: HashMap<String, Instant> = futures::stream::iter(0..n)
+        .map(|i| {
+            let pods = pods.clone();
+            let target = target.clone();
+            async move {
+                let name = format!("p{i}");
+                let at = Instant::now();
+                pods.create(&PostParams::default(), &pod(&name, &target)?).await?;
+                Ok::<_, anyhow::Error>((name, at))
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    eprintln!(
+        "{system}: {n} pods created in {:.1}s",
+        burst.elapsed().as_secs_f64()
+    );
+    let deadline = burst + Duration::from_secs(1800);
+    loop {
+        let seen = running.lock().unwrap().len();
+        if seen >= n {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{system}: only {seen}/{n} pods Running after 30 min"
+        );
+        if burst.elapsed().as_secs().is_multiple_of(30) {
+            eprintln!(
+                "{system}: {seen}/{n} Running after {:.0}s",
+                burst.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let watched: Vec<f64> = {
+        let r = running.lock().unwrap();
+        created
+            .iter()
+            .filter_map(|(name, at)| Some(r.get(name)?.duration_since(*at).as_secs_f64()))
+            .collect()
+    };
+    watch.abort();
+    let listed = pods.list(&ListParams::default()).await?;
+    let conditions: Vec<f64> = listed
+        .items
+        .iter()
+        .filter_map(|p| {
+            let created = p.metadata.creation_timestamp.as_ref()?.0;
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.status == "True")?
+                .last_transition_time
+                .as_ref()?
+                .0;
+            Some((ready.as_second() - created.as_second()) as f64)
+        })
+        .collect();
+    eprintln!(
+        "{system}: all Running after {:.1}s; steady state for {}s",
+        burst.elapsed().as_secs_f64(),
+        steady.as_secs()
+    );
+
+    let (site0, api0, use0, t0) = (
+        site_requests(sims),
+        bench::apiserver_requests(&t.client).await?,
+        usage(pids),
+        Instant::now(),
+    );
+    tokio::time::sleep(steady).await;
+    let (site1, api1, use1) = (
+        site_requests(sims),
+        bench::apiserver_requests(&t.client).await?,
+        usage(pids),
+    );
+    let minutes = t0.elapsed().as_secs_f64() / 60.0;
+
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    wait::until(
+        &format!("{system}: pods gone"),
+        Duration::from_secs(1800),
+        || async {
+            Ok::<_, kube::Error>(
+                pods.list(&ListParams::default())
+                    .await?
+                    .items
+                    .is_empty()
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let lifecycle = bench::delta(&api_start, &bench::apiserver_requests(&t.client).await?);
+    let writes = |only_pods: bool| -> f64 {
+        lifecycle
+            .iter()
+            .filter(|((verb, resource, _), _)| bench::is_write(verb) && (!only_pods || resource == "pods"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let mut top: Vec<(String, f64)> = lifecycle
+        .iter()
+        .map(|((v, r, s), c)| {
+            (
+                if s.is_empty() {
+                    format!("{v} {r}")
+                } else {
+                    format!("{v} {r}/{s}")
+                },
+                *c,
+            )
+        })
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    top.truncate(10);
+    let row = Row {
+        system: system.into(),
+        pods: n,
+        watched: stats3(&watched),
+        conditions: stats3(&conditions),
+        site_requests_per_pod_minute: (site1 - site0) as f64 / n as f64 / minutes,
+        pod_writes_per_pod: writes(true) / n as f64,
+        all_writes_per_pod: writes(false) / n as f64,
+        steady_api_requests_per_minute: total(&bench::delta(&api0, &api1)) / minutes,
+        steady_cores: (use1.cpu_seconds - use0.cpu_seconds) / (minutes * 60.0),
+        usage: usage(pids),
+        top,
+    };
+    eprintln!("{row:#?}");
+    Ok(row)
+}
+
+/// A child process logging to `log`, killed when dropped.
+fn spawn(cmd: &mut tokio::process::Command, log: &std::path::Path) -> anyhow::Result<tokio::process::Child> {
+    let file = std::fs::File::create(log)?;
+    Ok(cmd
+        .stdout(std::process::Stdio::from(file.try_clone()?))
+        .stderr(std::process::Stdio::from(file))
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// Waits until the Node is Ready.
+async fn node_ready(t: &TestNamespace, name: &str) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(t.client.clone());
+    wait::until(
+        &format!("Node {name} Ready"),
+        Duration::from_secs(180),
+        || async {
+            let ready = nodes
+                .get_opt(name)
+                .await?
+                .and_then(|n| n.status?.conditions)
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Ok::<_, kube::Error>(ready.then_some(()))
+        },
+    )
+    .await
+}
+
+/// Deletes a Node and its Lease (neither the virtual kubelet nor the floor removes them).
+async fn forget_node(t: &TestNamespace, name: &str) {
+    let _ = Api::<Node>::all(t.client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+    let _ = Api::<Lease>::namespaced(t.client.clone(), "kube-node-lease")
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+fn simulator() -> SimConfig {
+    SimConfig {
+        simulate: true,
+        slots: 100_000,
+        ..SimConfig::default()
+    }
+}
+
+/// A: interLink's virtual kubelet, one process for one site.
+async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>) {
+    TestNamespace::run("compare-vk", |t| async move {
+        let bin = std::env::var("OFFLOAD_VK_BIN").context("OFFLOAD_VK_BIN: the virtual-kubelet binary (make bench-compare sets it)")?;
+        let sim = Arc::new(SimHandle::start(simulator()).await?);
+        let port = sim.url.rsplit_once(':').context("simulator port")?.1.to_string();
+        let node = format!("vk-{}", t.name);
+        // As interLink's docs configure it, with what running many on one machine needs: a
+        // self-signed kubelet certificate (no CSR to approve), room for the pods, quiet logs.
+        let config = t.cluster.dir.join(format!("{node}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "InterlinkURL: \"http://127.0.0.1\"\nInterlinkPort: \"{port}\"\nVerboseLogging: false\n\
+                 ErrorsOnlyLogging: true\nDisableCSR: true\nResources:\n  CPU: \"100000\"\n  Memory: \"1000Ti\"\n  Pods: \"5000\"\n"
+            ),
+        )?;
+        let kubeconfig = std::fs::canonicalize(&t.cluster.admin_kubeconfig)?;
+        let mut child = spawn(
+            tokio::process::Command::new(&bin)
+                .env("NODENAME", &node)
+                .env("CONFIGPATH", &config)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("KUBELET_URL", "127.0.0.1")
+                .env("KUBELET_PORT", free_port()?.to_string())
+                .env("POD_IP", "127.0.0.1"),
+            &t.cluster.dir.join(format!("{node}.log")),
+        )?;
+        let pid = child.id().context("virtual-kubelet pid")?;
+        let result = async {
+            node_ready(&t, &node).await?;
+            measure(&t, "A interLink VK", Target::Node(node.clone()), std::slice::from_ref(&sim), &[pid]).await
+        }
+        .await;
+        let _ = child.kill().await;
+        forget_node(&t, &node).await;
+        rows.lock().unwrap().push(result?);
+        Ok(())
+    })
+    .await;
+}
+
+/// B: offload-operator with one site, pods pinned (`scheduled` false) or placed by its scheduler.
+async fn operator(rows: Arc<Mutex<Vec<Row>>>, scheduled: bool) {
+    let test = if scheduled {
+        "compare-op-sched"
+    } else {
+        "compare-op-pinned"
+    };
+    Scenario::run(test, |s| async move {
+        // Production defaults: status sync and health probes at their default intervals.
+        let site = site_builder("site")
+            .unset("statusSyncIntervalSeconds")
+            .unset("healthCheck");
+        let sim = s.site_with(site, |c| *c = simulator()).await?;
+        let pid = s.operator_pid().await.context("operator pid")?;
+        let (system, target) = if scheduled {
+            (
+                "B2 offload-operator, scheduled",
+                Target::Scheduler(s.default_policy().to_string()),
+            )
+        } else {
+            (
+                "B1 offload-operator, pinned",
+                Target::Node(format!("offload-{}", s.name("site"))),
+            )
+        };
+        let row = measure(&s.t, system, target, &[sim], &[pid]).await?;
+        rows.lock().unwrap().push(row);
+        Ok(())
+    })
+    .await;
+}
+
+/// C: the floor.
+async fn floor(rows: Arc<Mutex<Vec<Row>>>) {
+    TestNamespace::run("compare-floor", |t| async move {
+        let node = format!("floor-{}", t.name);
+        let mut child = spawn(
+            tokio::process::Command::new(workspace_binary("offload-floor")?)
+                .arg("--kubeconfig")
+                .arg(&t.cluster.admin_kubeconfig)
+                .args(["--node", &node]),
+            &t.cluster.dir.join(format!("{node}.log")),
+        )?;
+        let pid = child.id().context("floor pid")?;
+        let result = async {
+            node_ready(&t, &node).await?;
+            measure(&t, "C floor", Target::Node(node.clone()), &[], &[pid]).await
+        }
+        .await;
+        let _ = child.kill().await;
+        forget_node(&t, &node).await;
+        rows.lock().unwrap().push(result?);
+        Ok(())
+    })
+    .await;
+}
+
+fn print(rows: &[Row]) {
+    println!(
+        "\n| system | pods | to Running p50 / p99 / max (watched, s) | (Ready condition, s) | site requests / pod / min (steady) | API writes / pod lifecycle (pods; all) | API requests / min (steady) | CPU cores (steady) | CPU s (total) | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.1} / {:.1} / {:.1} | {:.0} / {:.0} / {:.0} | {:.3} | {:.2}; {:.2} | {:.0} | {:.3} | {:.1} | {:.1} |",
+            r.system,
+            r.pods,
+            r.watched[0],
+            r.watched[1],
+            r.watched[2],
+            r.conditions[0],
+            r.conditions[1],
+            r.conditions[2],
+            r.site_requests_per_pod_minute,
+            r.pod_writes_per_pod,
+            r.all_writes_per_pod,
+            r.steady_api_requests_per_minute,
+            r.steady_cores,
+            r.usage.cpu_seconds,
+            r.usage.peak_rss_bytes as f64 / 1_048_576.0
+        );
+    }
+    for r in rows {
+        println!("\n{}: API requests over the lifecycle, top 10:", r.system);
+        for (what, n) in &r.top {
+            println!("  {n:>8.0}  {what}");
+        }
+    }
+    let find = |p: &str| rows.iter().find(|r| r.system.starts_with(p));
+    if let (Some(a), Some(b), Some(c)) = (find("A"), find("B1"), find("C")) {
+        println!(
+            "\nB1/A: site requests {:.4}, p99 to Running {:.2}, pod writes {:.2}, peak RSS {:.2}",
+            b.site_requests_per_pod_minute / a.site_requests_per_pod_minute,
+            b.watched[1] / a.watched[1],
+            b.pod_writes_per_pod / a.pod_writes_per_pod,
+            b.usage.peak_rss_bytes as f64 / a.usage.peak_rss_bytes as f64
+        );
+        println!(
+            "B1/C: p99 to Running {:.2}, pod writes {:.2}",
+            b.watched[1] / c.watched[1],
+            b.pod_writes_per_pod / c.pod_writes_per_pod
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "a comparison benchmark: make bench-compare"]
+async fn one_site_burst_and_steady_state() {
+    let rows: Arc<Mutex<Vec<Row>>> = Arc::default();
+    let only = std::env::var("OFFLOAD_COMPARE_SYSTEMS").unwrap_or_else(|_| "A,B1,B2,C".into());
+    for system in only.split(',') {
+        match system.trim() {
+            "A" => virtual_kubelet(rows.clone()).await,
+            "B1" => operator(rows.clone(), false).await,
+            "B2" => operator(rows.clone(), true).await,
+            "C" => floor(rows.clone()).await,
+            other => panic!("unknown system {other} (A, B1, B2, C)"),
+        }
+    }
+    let rows = rows.lock().unwrap().clone();
+    assert_eq!(rows.len(), only.split(',').count(), "every system ran");
+    print(&rows);
+}
