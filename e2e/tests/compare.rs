@@ -125,7 +125,11 @@ fn total(c: &RequestCounts) -> f64 {
     c.values().sum()
 }
 
+/// p50, p99, max; NaN (printed `-`) when there is nothing to measure.
 fn stats3(v: &[f64]) -> [f64; 3] {
+    if v.is_empty() {
+        return [f64::NAN; 3];
+    }
     [
         bench::quantile(v, 0.5),
         bench::quantile(v, 0.99),
@@ -459,15 +463,20 @@ fn print(rows: &[Row]) {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {:.1} / {:.1} / {:.1} | {:.0} / {:.0} / {:.0} | {:.3} | {:.2}; {:.2} | {:.0} | {:.3} | {:.1} | {:.1} |",
+            "| {} | {} | {:.1} / {:.1} / {:.1} | {} | {:.3} | {:.2}; {:.2} | {:.0} | {:.3} | {:.1} | {:.1} |",
             r.system,
             r.pods,
             r.watched[0],
             r.watched[1],
             r.watched[2],
-            r.conditions[0],
-            r.conditions[1],
-            r.conditions[2],
+            if r.conditions[0].is_nan() {
+                "- (no Ready condition)".to_string()
+            } else {
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    r.conditions[0], r.conditions[1], r.conditions[2]
+                )
+            },
             r.site_requests_per_pod_minute,
             r.pod_writes_per_pod,
             r.all_writes_per_pod,
