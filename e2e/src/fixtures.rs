@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition};
 use kube::{
     Api, ResourceExt,
@@ -18,16 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 /// An `OffloadSite` for test namespace `ns` at `endpoint`: open to every namespace, large, probed
 /// and synced every second; `extra` overrides spec keys.
 pub fn site(ns: &str, name: &str, endpoint: &str, extra: Value) -> anyhow::Result<OffloadSite> {
-    let mut spec = json!({"endpoint": endpoint, "namespaceSelector": {}, "statusSyncIntervalSeconds": 1,
-        "capacity": {"cpu": "1000", "memory": "4Ti", "pods": 5000},
-        "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}});
-    spec.as_object_mut()
-        .context("spec")?
-        .extend(extra.as_object().cloned().unwrap_or_default());
-    Ok(serde_json::from_value(
-        json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
-        "metadata": {"name": name, "labels": {TEST_LABEL: ns}}, "spec": spec}),
-    )?)
+    site_builder(name).merge(extra).build(ns, name, endpoint)
 }
 
 /// Waits until the site's `Ready` condition is true.
@@ -103,6 +93,13 @@ pub async fn delete_sites(t: &TestNamespace, sites: &Api<OffloadSite>, names: &[
         .await?;
     }
     Ok(())
+}
+
+/// Every key of `extra` (an object) replaces the key of that name in `spec` (an object).
+fn merge(spec: &mut Value, extra: &Value) {
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
 }
 
 /// Builds an `OffloadSite` for a scenario: `site("hpc").kind("HPC").gpus("A100", 8).queue(300)`.
@@ -186,9 +183,7 @@ impl SiteBuilder {
 
     /// Every key of `extra` (an object) replaces the spec key of that name.
     pub fn merge(mut self, extra: Value) -> Self {
-        if let (Some(spec), Some(extra)) = (self.spec.as_object_mut(), extra.as_object()) {
-            spec.extend(extra.clone());
-        }
+        merge(&mut self.spec, &extra);
         self
     }
 
@@ -260,9 +255,7 @@ impl PolicyBuilder {
 
     /// Every key of `extra` (an object) replaces the spec key of that name.
     pub fn merge(mut self, extra: Value) -> Self {
-        if let (Some(spec), Some(extra)) = (self.spec.as_object_mut(), extra.as_object()) {
-            spec.extend(extra.clone());
-        }
+        merge(&mut self.spec, &extra);
         self
     }
 

@@ -339,6 +339,26 @@ async fn node_ready(t: &TestNamespace, name: &str) -> anyhow::Result<()> {
     .await
 }
 
+/// Measures a kubelet process that owns `node` (the virtual kubelet, the floor) once its Node is
+/// Ready; then stops it and removes its Node and Lease, whatever the outcome.
+async fn measure_kubelet(
+    t: &TestNamespace,
+    system: &str,
+    mut child: tokio::process::Child,
+    node: &str,
+    sims: &[Arc<SimHandle>],
+) -> anyhow::Result<Row> {
+    let pid = child.id().with_context(|| format!("{system}: no pid"))?;
+    let result = async {
+        node_ready(t, node).await?;
+        measure(t, system, Target::Node(node.to_string()), sims, &[pid]).await
+    }
+    .await;
+    let _ = child.kill().await;
+    forget_node(t, node).await;
+    result
+}
+
 /// Deletes a Node and its Lease (neither the virtual kubelet nor the floor removes them).
 async fn forget_node(t: &TestNamespace, name: &str) {
     let _ = Api::<Node>::all(t.client.clone())
@@ -375,7 +395,7 @@ async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>) {
             ),
         )?;
         let kubeconfig = std::fs::canonicalize(&t.cluster.admin_kubeconfig)?;
-        let mut child = spawn(
+        let child = spawn(
             tokio::process::Command::new(&bin)
                 .env("NODENAME", &node)
                 .env("CONFIGPATH", &config)
@@ -385,15 +405,8 @@ async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>) {
                 .env("POD_IP", "127.0.0.1"),
             &t.cluster.dir.join(format!("{node}.log")),
         )?;
-        let pid = child.id().context("virtual-kubelet pid")?;
-        let result = async {
-            node_ready(&t, &node).await?;
-            measure(&t, "A interLink VK", Target::Node(node.clone()), std::slice::from_ref(&sim), &[pid]).await
-        }
-        .await;
-        let _ = child.kill().await;
-        forget_node(&t, &node).await;
-        rows.lock().unwrap().push(result?);
+        let row = measure_kubelet(&t, "A interLink VK", child, &node, std::slice::from_ref(&sim)).await?;
+        rows.lock().unwrap().push(row);
         Ok(())
     })
     .await;
@@ -435,22 +448,15 @@ async fn operator(rows: Arc<Mutex<Vec<Row>>>, scheduled: bool) {
 async fn floor(rows: Arc<Mutex<Vec<Row>>>) {
     TestNamespace::run("compare-floor", |t| async move {
         let node = format!("floor-{}", t.name);
-        let mut child = spawn(
+        let child = spawn(
             tokio::process::Command::new(workspace_binary("offload-floor")?)
                 .arg("--kubeconfig")
                 .arg(&t.cluster.admin_kubeconfig)
                 .args(["--node", &node]),
             &t.cluster.dir.join(format!("{node}.log")),
         )?;
-        let pid = child.id().context("floor pid")?;
-        let result = async {
-            node_ready(&t, &node).await?;
-            measure(&t, "C floor", Target::Node(node.clone()), &[], &[pid]).await
-        }
-        .await;
-        let _ = child.kill().await;
-        forget_node(&t, &node).await;
-        rows.lock().unwrap().push(result?);
+        let row = measure_kubelet(&t, "C floor", child, &node, &[]).await?;
+        rows.lock().unwrap().push(row);
         Ok(())
     })
     .await;
