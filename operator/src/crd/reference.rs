@@ -45,7 +45,7 @@ pub fn markdown() -> String {
         (
             ANNOTATION_REMOTE_ID,
             "operator",
-            "the job id the site returned from `/create`",
+            "the job id the site returned from `/create` (recorded with the pod's first status from the site)",
         ),
         (
             ANNOTATION_PLACEMENT,

@@ -24,6 +24,8 @@ pub struct Facts<'a> {
     pub client: Option<bool>,
     /// The labels of the pod's namespace.
     pub namespace_labels: &'a BTreeMap<String, String>,
+    /// This process created the pod at its site; the record waits for its first status write.
+    pub created_here: bool,
 }
 
 /// What to do with the pod.
@@ -35,7 +37,7 @@ pub enum Step {
     WaitForSite,
     /// Being deleted: delete it at the site when it may be there, then complete the deletion.
     Delete {
-        /// The site recorded its job (`offload.dev/remote-id`).
+        /// The site has its job: recorded (`offload.dev/remote-id`) or created by this process.
         recorded: bool,
         /// When a create was sent (`offload.dev/create-sent`), recorded or not.
         sent_at: Option<String>,
@@ -72,11 +74,11 @@ pub fn decide(f: &Facts) -> Step {
     let annotations = pod.annotations();
     if pod.metadata.deletion_timestamp.is_some() {
         return Step::Delete {
-            recorded: annotations.contains_key(ANNOTATION_REMOTE_ID),
+            recorded: annotations.contains_key(ANNOTATION_REMOTE_ID) || f.created_here,
             sent_at: annotations.get(ANNOTATION_CREATE_SENT).cloned(),
         };
     }
-    if is_finished(pod) || annotations.contains_key(ANNOTATION_REMOTE_ID) {
+    if is_finished(pod) || annotations.contains_key(ANNOTATION_REMOTE_ID) || f.created_here {
         return Step::Done;
     }
     let name = site.name_any();
@@ -136,6 +138,16 @@ mod tests {
     }
 
     fn decide_for(pod: &Pod, site: Option<&OffloadSite>, client: Option<bool>, team: &str) -> Step {
+        decide_with(pod, site, client, team, false)
+    }
+
+    fn decide_with(
+        pod: &Pod,
+        site: Option<&OffloadSite>,
+        client: Option<bool>,
+        team: &str,
+        created_here: bool,
+    ) -> Step {
         let labels = BTreeMap::from([("team".to_string(), team.to_string())]);
         decide(&Facts {
             pod,
@@ -143,6 +155,7 @@ mod tests {
             node_looks_like_a_site: true,
             client,
             namespace_labels: &labels,
+            created_here,
         })
     }
 
@@ -177,6 +190,7 @@ mod tests {
             node_looks_like_a_site: false,
             client: None,
             namespace_labels: &BTreeMap::new(),
+            created_here: false,
         });
         assert_eq!(other, Step::Ignore);
     }
@@ -194,6 +208,24 @@ mod tests {
         assert_eq!(decide_for(&recorded, Some(&s), Some(true), "a"), Step::Done);
         let finished = pod(json!({"status": {"phase": "Succeeded"}}));
         assert_eq!(decide_for(&finished, Some(&s), Some(true), "a"), Step::Done);
+    }
+
+    #[test]
+    fn a_pod_this_process_created_is_not_created_again_before_its_record_is_written() {
+        let s = site();
+        let sent =
+            pod(json!({"metadata": {"annotations": {"offload.dev/create-sent": "2026-12-03T10:00:00Z"}}}));
+        assert_eq!(decide_with(&sent, Some(&s), Some(true), "a", true), Step::Done);
+        let deleting = pod(json!({"metadata": {"deletionTimestamp": "2026-12-03T10:01:00Z",
+            "annotations": {"offload.dev/create-sent": "2026-12-03T10:00:00Z"}}}));
+        assert_eq!(
+            decide_with(&deleting, Some(&s), Some(true), "a", true),
+            Step::Delete {
+                recorded: true,
+                sent_at: Some("2026-12-03T10:00:00Z".into())
+            },
+            "deleted at the site without asking whether it is there"
+        );
     }
 
     #[test]

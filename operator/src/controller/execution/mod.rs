@@ -6,6 +6,7 @@ pub mod decide;
 mod gather;
 mod sync;
 pub mod token;
+mod unrecorded;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,9 +22,12 @@ use kube::{
 };
 use serde_json::json;
 
-use self::decide::{Facts, Step};
+use self::{
+    decide::{Facts, Step},
+    unrecorded::Unrecorded,
+};
 use super::{Context, Error, backoff::Backoff, events::Reason, node, site_client, written::WrittenStatuses};
-use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID, ANNOTATION_TOKEN_EXPIRES, OffloadSite};
+use crate::crd::{ANNOTATION_CREATE_SENT, OffloadSite};
 
 const CONTROLLER: &str = "pod";
 
@@ -47,7 +51,22 @@ struct Ctx {
     deleted_at_site: Mutex<HashMap<String, HashSet<String>>>,
     /// Per site, pods already warned about an expiring token (`TokenExpiring`), by UID.
     token_warned: Mutex<HashMap<String, HashSet<String>>>,
+    /// Jobs created at a site whose remote id waits for the pod's first status write.
+    unrecorded: Mutex<Unrecorded>,
+    /// Pods whose deletion this process completed, by UID, with when: the API server updates a
+    /// pod (its grace period) before it removes it, and the reconcile that update triggers must
+    /// not send the delete a second time.
+    completed: Mutex<HashMap<String, Instant>>,
 }
+
+impl Ctx {
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, Unrecorded> {
+        self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How long a completed deletion is remembered: far longer than the watch takes to show it.
+const COMPLETED_FOR: Duration = Duration::from_secs(120);
 
 /// Runs the execution controller and the per-site status sync until the process ends.
 pub async fn run(shared: Arc<Context>) {
@@ -61,6 +80,8 @@ pub async fn run(shared: Arc<Context>) {
         tracked: Mutex::default(),
         deleted_at_site: Mutex::default(),
         token_warned: Mutex::default(),
+        unrecorded: Mutex::default(),
+        completed: Mutex::default(),
     });
     tokio::spawn(sync::sync_forever(ctx.clone()));
     let results = controller.shutdown_on_signal().run(reconcile, error_policy, ctx);
@@ -96,6 +117,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         node_looks_like_a_site: node::site_of_node(node).is_some(),
         client: client.as_ref().map(|(_, reachable)| *reachable),
         namespace_labels: &labels,
+        created_here: ctx.unrecorded().contains(&pod),
     });
     let action = match step {
         Step::Ignore | Step::Done => Action::await_change(),
@@ -129,7 +151,6 @@ async fn create(
 ) -> Result<Action, Error> {
     let shared = &ctx.shared;
     let ns = pod.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(shared.client.clone(), &ns);
     let (request, token_expires) = match gather::gather(&shared.client, pod).await {
         Ok(r) => r,
         Err(message) => {
@@ -149,10 +170,7 @@ async fn create(
         Some(jid) => Ok(jid),
         None => {
             if !ask_first {
-                let now = jiff::Timestamp::now().to_string();
-                let patch = json!({"metadata": {"annotations": {ANNOTATION_CREATE_SENT: now}}});
-                pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+                mark_sending(shared, pod, site).await?;
             }
             client.create_idempotent(&request).await.map(|(c, _)| c.pod_jid)
         }
@@ -166,19 +184,12 @@ async fn create(
     match outcome {
         Ok(jid) => {
             tracing::info!(pod = %pod.name_any(), namespace = %ns, site, job = %jid, "created at the site");
-            let mut annotations = json!({ANNOTATION_REMOTE_ID: jid});
-            if let Some(at) = token_expires {
-                annotations[ANNOTATION_TOKEN_EXPIRES] = at.to_string().into();
-            }
-            let patch = json!({"metadata": {"annotations": annotations}});
-            pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            // Recorded with the pod's first status write (the status sync's next round).
+            ctx.unrecorded().created(pod, site, &jid, token_expires);
             ctx.created
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(pod.uid().unwrap_or_default(), (site.to_string(), Instant::now()));
-            let message = format!("submitted to site {site} (job {jid})");
-            waiting(shared, pod, "ContainerCreating", &message).await?;
             let note = format!("created at site {site} as job {jid}");
             publish(shared, pod, Reason::Submitted, &note).await;
             Ok(Action::await_change())
@@ -212,6 +223,14 @@ async fn delete(
     recorded: bool,
     sent_at: Option<String>,
 ) -> Result<Action, Error> {
+    let uid = pod.uid().unwrap_or_default();
+    {
+        let mut completed = ctx.completed.lock().unwrap_or_else(|p| p.into_inner());
+        completed.retain(|_, at| at.elapsed() < COMPLETED_FOR);
+        if completed.contains_key(&uid) {
+            return Ok(Action::await_change());
+        }
+    }
     if recorded || sent_at.is_some() {
         let Some((client, _)) = site_client(&ctx.shared.registry, site) else {
             return Ok(Action::requeue(Duration::from_secs(2)));
@@ -238,7 +257,14 @@ async fn delete(
         .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
         .await
     {
-        Ok(_) | Err(kube::Error::Api(_)) => Ok(Action::await_change()),
+        Ok(_) | Err(kube::Error::Api(_)) => {
+            ctx.unrecorded().forget(&uid);
+            ctx.completed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, Instant::now());
+            Ok(Action::await_change())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -289,6 +315,19 @@ async fn still_at_site(client: &crate::interlink::SiteClient, pod: &Pod) -> bool
     }
 }
 
+/// The `offload.dev/create-sent` marker, before the first create: a process that restarts after it
+/// asks the site before creating again. It goes through the status subresource (which keeps
+/// annotations) with the pod's first status, so the marker costs no write of its own.
+async fn mark_sending(ctx: &Context, pod: &Pod, site: &str) -> Result<(), kube::Error> {
+    let now = jiff::Timestamp::now().to_string();
+    let mut patch = pending_patch(pod, "ContainerCreating", &format!("sending to site {site}"));
+    patch["metadata"] = json!({"annotations": {ANNOTATION_CREATE_SENT: now}});
+    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
 /// Pending, every container waiting with this reason; not written again when every container
 /// already says so (a pod waiting for its site is reconciled every few seconds).
 async fn waiting(ctx: &Context, pod: &Pod, reason: &str, message: &str) -> Result<(), kube::Error> {
@@ -309,6 +348,15 @@ async fn waiting(ctx: &Context, pod: &Pod, reason: &str, message: &str) -> Resul
     if says_so {
         return Ok(());
     }
+    let patch = pending_patch(pod, reason, message);
+    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+/// A status patch: Pending, every container waiting with this reason and message.
+fn pending_patch(pod: &Pod, reason: &str, message: &str) -> serde_json::Value {
     let containers: Vec<_> = pod.spec.iter().flat_map(|s| s.containers.iter()).map(|c| json!({
         "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "", "ready": false, "restartCount": 0,
         "started": false, "state": {"waiting": {"reason": reason, "message": message}}})).collect();
@@ -318,11 +366,7 @@ async fn waiting(ctx: &Context, pod: &Pod, reason: &str, message: &str) -> Resul
         .as_ref()
         .and_then(|s| s.start_time.clone())
         .unwrap_or(now);
-    let patch = json!({"status": {"phase": "Pending", "startTime": start, "containerStatuses": containers}});
-    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
-        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
+    json!({"status": {"phase": "Pending", "startTime": start, "containerStatuses": containers}})
 }
 
 /// Failed, every container terminated with exit code 1 and this reason.

@@ -18,7 +18,7 @@ use serde_json::json;
 use super::{Ctx, delete_at_site, fail, token};
 use crate::{
     controller::{events::Reason, load, node::node_name, site_client, status_map, written::WrittenStatuses},
-    crd::{ANNOTATION_REMOTE_ID, ANNOTATION_TOKEN_EXPIRES, OffloadSite},
+    crd::{ANNOTATION_TOKEN_EXPIRES, OffloadSite},
     interlink::{Error as SiteError, wire::PodStatus},
 };
 
@@ -81,15 +81,14 @@ pub(super) async fn sync_forever(ctx: Arc<Ctx>) {
     }
 }
 
-/// Pods of the site with a remote job and no deletion in progress (those go through `delete`),
-/// by UID.
-fn recorded_at(pods: &Store<Pod>, node: &str) -> HashMap<String, Arc<Pod>> {
+/// Pods of the site with a remote job (recorded, or created by this process) and no deletion in
+/// progress (those go through `delete`), by UID.
+fn recorded_at(ctx: &Ctx, pods: &Store<Pod>, node: &str) -> HashMap<String, Arc<Pod>> {
+    let unrecorded = ctx.unrecorded();
     pods.state()
         .into_iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none() && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
-        })
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && unrecorded.remote_id(p).is_some())
         .filter_map(|p| Some((p.uid()?, p)))
         .collect()
 }
@@ -99,31 +98,39 @@ fn recorded_at(pods: &Store<Pod>, node: &str) -> HashMap<String, Arc<Pod>> {
 /// their jobs, state and logs would stay at the site forever otherwise.
 async fn sweep_gone(ctx: &Ctx, site: &OffloadSite) {
     let name = site.name_any();
-    let now = recorded_at(ctx.shared.pods.store(), &node_name(&name));
-    let gone: Vec<Arc<Pod>> = {
+    let now = recorded_at(ctx, ctx.shared.pods.store(), &node_name(&name));
+    let cached: HashMap<String, Arc<Pod>> = ctx
+        .shared
+        .pods
+        .store()
+        .state()
+        .into_iter()
+        .filter_map(|p| Some((p.uid()?, p)))
+        .collect();
+    // Created here and gone before the first status write recorded them: never tracked below.
+    let mut gone_unrecorded = ctx.unrecorded().settle(&name, &cached);
+    let mut gone: Vec<Arc<Pod>> = {
         let mut tracked = ctx.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let before = tracked.insert(name.clone(), now.clone()).unwrap_or_default();
         let mut all = ctx.deleted_at_site.lock().unwrap_or_else(|p| p.into_inner());
         let deleted = all.entry(name.clone()).or_default();
-        let cached: HashSet<String> = ctx
-            .shared
-            .pods
-            .store()
-            .state()
-            .iter()
-            .filter_map(|p| p.uid())
-            .collect();
         // Gone: no longer in the cache at all (a pod still there is being deleted: `delete`
         // handles it), and not already deleted at the site by `delete`.
         let gone: Vec<Arc<Pod>> = before
             .into_iter()
-            .filter(|(uid, _)| !cached.contains(uid) && !deleted.contains(uid))
+            .filter(|(uid, _)| !cached.contains_key(uid) && !deleted.contains(uid))
             .map(|(_, p)| p)
             .collect();
         // What `delete` handled is forgotten once the pod has left the cache.
-        deleted.retain(|uid| cached.contains(uid));
+        deleted.retain(|uid| cached.contains_key(uid));
+        let listed: HashSet<String> = gone.iter().filter_map(|p| p.uid()).collect();
+        gone_unrecorded.retain(|p| {
+            p.uid()
+                .is_some_and(|u| !deleted.contains(&u) && !listed.contains(&u))
+        });
         gone
     };
+    gone.append(&mut gone_unrecorded);
     if gone.is_empty() {
         return;
     }
@@ -149,12 +156,13 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
     let name = site.name_any();
     // From the watch cache, not a list per sync: this runs every interval for every site, and a
     // pod a moment stale is corrected at the next sync.
-    let active: Vec<Pod> = load::active_pods_cached(ctx.shared.pods.store(), &node_name(&name))
-        .into_iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none() && p.annotations().contains_key(ANNOTATION_REMOTE_ID)
-        })
-        .collect();
+    let active: Vec<Pod> = {
+        let unrecorded = ctx.unrecorded();
+        load::active_pods_cached(ctx.shared.pods.store(), &node_name(&name))
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && unrecorded.remote_id(p).is_some())
+            .collect()
+    };
     for phase in ["Pending", "Running"] {
         let n = active.iter().filter(|p| load::phase(p) == phase).count();
         ctx.shared
@@ -236,11 +244,7 @@ async fn apply_answers(ctx: &Ctx, name: &str, active: &[Pod], statuses: &[PodSta
                 is_lost(entry.1, entry.2.elapsed())
             };
             if lost {
-                let jid = pod
-                    .annotations()
-                    .get(ANNOTATION_REMOTE_ID)
-                    .cloned()
-                    .unwrap_or_default();
+                let jid = ctx.unrecorded().remote_id(pod).unwrap_or_default();
                 let msg = format!("site {name} no longer knows the pod (job {jid}): it was lost there");
                 tracing::warn!(pod = %pod.name_any(), site = name, job = %jid, "the site lost the pod");
                 if let Err(e) = fail(&ctx.shared, pod, Reason::OffloadLost, &msg).await {
@@ -256,20 +260,27 @@ async fn apply_answers(ctx: &Ctx, name: &str, active: &[Pod], statuses: &[PodSta
         // Compared with what the API server has, which may be newer than the cache.
         let current = written_for(ctx, name, |w| w.current(pod));
         let new = status_map::map(&current, remote, now);
-        if !status_map::changed(current.status.as_ref(), &new) {
+        // A job created by this process is recorded with its first status write (the status
+        // subresource keeps annotations), whether or not the status changed.
+        let record = ctx.unrecorded().annotations_to_write(pod);
+        if record.is_none() && !status_map::changed(current.status.as_ref(), &new) {
             continue;
         }
         if new.phase.as_deref() != Some("Pending") {
             note_started(ctx, &uid, name);
         }
         let api: Api<Pod> = Api::namespaced(ctx.shared.client.clone(), &pod.namespace().unwrap_or_default());
-        let patch = json!({"status": new});
+        let mut patch = json!({"status": new});
+        if let Some(annotations) = record {
+            patch["metadata"] = json!({"annotations": annotations});
+        }
         match api
             .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(after) => {
                 patched += 1;
+                ctx.unrecorded().written(&uid);
                 written_for(ctx, name, |w| w.record(pod, &after));
             }
             Err(e) => tracing::warn!(pod = %pod.name_any(), error = %e, "cannot patch pod status"),

@@ -11,7 +11,7 @@ pub mod policy;
 pub mod snapshot;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -213,7 +213,7 @@ async fn place_one(
         .inc();
 }
 
-/// Writes the explanation, then binds through `pods/binding`.
+/// Binds through `pods/binding`, with the explanation as the binding's annotation.
 async fn bind(client: &Client, pod: &Pod, site: &str, decision: &Decision) -> Result<(), kube::Error> {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
@@ -226,14 +226,15 @@ async fn bind(client: &Client, pod: &Pod, site: &str, decision: &Decision) -> Re
         })
         .unwrap_or_default();
     }
-    let patch = json!({"metadata": {"annotations": {ANNOTATION_PLACEMENT: explanation}}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    // The API server copies a Binding's annotations onto the pod in the same write: the
+    // explanation costs no request of its own. The UID makes the binding fail for a pod that was
+    // replaced by another of the same name since the decision.
     let binding = Binding {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(ns),
-            uid: None,
+            uid: pod.uid(),
+            annotations: Some(BTreeMap::from([(ANNOTATION_PLACEMENT.to_string(), explanation)])),
             ..Default::default()
         },
         target: ObjectReference {
