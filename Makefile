@@ -5,7 +5,7 @@ CARGO ?= cargo
 E2E_BIN := e2e/bin
 
 .PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus chart-check cluster-up cluster-down \
-	demo demo-down bench-e2e bench-compare interlink interlink-up interlink-down slurm-up slurm-down
+	demo demo-down bench-e2e bench-compare bench-scale interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -80,7 +80,16 @@ bench-compare: control-plane ## interLink's virtual kubelet vs offload-operator 
 	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
 	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
 	OFFLOAD_VK_BIN="$$vk" OFFLOAD_E2E_TEST_TIMEOUT=7200 OFFLOAD_E2E_CLUSTER="$$dir" \
-	  $(CARGO) test --release -p offload-e2e --test compare -- --ignored --nocapture --test-threads=1
+	  $(CARGO) test --release -p offload-e2e --test compare -- --ignored --nocapture --test-threads=1 \
+	  $${COMPARE_WORKLOADS:-burst_on_one_site twenty_sites}
+
+bench-scale: control-plane ## the operator alone with 10,000 pods over 10 sites (release build); prints memory, CPU and status-sync time
+	$(CARGO) build --release -p offload-operator -p offload-e2e --bins
+	@dir=$$(mktemp -d /tmp/offload-scale.XXXXXX); \
+	trap '$(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
+	$(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
+	OFFLOAD_E2E_TEST_TIMEOUT=7200 OFFLOAD_E2E_CLUSTER="$$dir" \
+	  $(CARGO) test --release -p offload-e2e --test compare -- --ignored --nocapture --test-threads=1 operator_at_scale
 
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
 	@$(E2E_BIN)/cluster-up

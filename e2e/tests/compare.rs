@@ -8,11 +8,19 @@
 //! - **C, the floor** (`offload-floor`): only the API writes a kubelet cannot avoid (one status write
 //!   per pod and the final delete), talking to no site.
 //!
-//! Workload: a burst of `OFFLOAD_COMPARE_PODS` (1,000) pods on one site, held Running for
-//! `OFFLOAD_COMPARE_STEADY_SECONDS` (300), then deleted. Per system: creation to Running (p50, p99,
-//! max; watched, and from the pods' Ready condition), site requests per pod per minute at steady
-//! state (simulator counts), API-server requests by verb and resource (`apiserver_request_total`
-//! delta), API writes per pod lifecycle, CPU seconds and peak RSS of the system's processes.
+//! Workloads (one test each; every pod is created in a burst, held Running for
+//! `OFFLOAD_COMPARE_STEADY_SECONDS` (300), then deleted):
+//! - `burst_on_one_site`: `OFFLOAD_COMPARE_PODS` (1,000) pods on one site, all four systems;
+//! - `twenty_sites`: `OFFLOAD_COMPARE_SITES` (20) sites × `OFFLOAD_COMPARE_PODS_PER_SITE` (100),
+//!   one virtual kubelet (and one floor) per site against one operator;
+//! - `operator_at_scale` (`make bench-scale`): the operator alone, `OFFLOAD_SCALE_PODS` (10,000)
+//!   pods over `OFFLOAD_SCALE_SITES` (10) sites.
+//!
+//! Per system: creation to Running (p50, p99, max; watched, and from the pods' Ready condition),
+//! site requests per pod per minute at steady state (simulator counts), API-server requests by
+//! verb and resource (`apiserver_request_total` delta), API writes per pod lifecycle, CPU seconds
+//! and peak RSS of the system's processes (summed), and for the operator the mean time of one
+//! site's status sync at steady state. `OFFLOAD_COMPARE_SYSTEMS` (`A,B1,B2,C`) picks systems.
 
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -39,7 +47,7 @@ use offload_e2e::{
     bench::{self, ProcUsage, RequestCounts},
     cluster::workspace_binary,
     fixtures::site_builder,
-    operator::free_port,
+    operator::{free_port, http_get},
     scenario::Scenario,
     sitesim::{SimConfig, SimHandle},
     wait,
@@ -84,10 +92,24 @@ fn pod(name: &str, target: &Target) -> anyhow::Result<Pod> {
     Ok(serde_json::from_value(p)?)
 }
 
+/// A workload: `sites` sites with `pods_per_site` pods each.
+#[derive(Clone, Copy, Debug)]
+struct Workload {
+    sites: usize,
+    pods_per_site: usize,
+}
+
+impl Workload {
+    fn pods(&self) -> usize {
+        self.sites * self.pods_per_site
+    }
+}
+
 /// What one system cost.
 #[derive(Clone, Debug, Default)]
 struct Row {
     system: String,
+    sites: usize,
     pods: usize,
     /// Seconds from creation to Running as watched: p50, p99, max.
     watched: [f64; 3],
@@ -99,6 +121,9 @@ struct Row {
     steady_api_requests_per_minute: f64,
     steady_cores: f64,
     usage: ProcUsage,
+    /// The operator's status sync at steady state: mean seconds of one site's sync, the slowest
+    /// site's (NaN for systems without that metric).
+    sync_seconds: f64,
     top: Vec<(String, f64)>,
 }
 
@@ -137,15 +162,68 @@ fn stats3(v: &[f64]) -> [f64; 3] {
     ]
 }
 
-/// Runs the workload against `target` and measures it; `pids` are the system's processes.
-async fn measure(
-    t: &TestNamespace,
-    system: &str,
-    target: Target,
-    sims: &[Arc<SimHandle>],
-    pids: &[u32],
-) -> anyhow::Result<Row> {
-    let n = setting("OFFLOAD_COMPARE_PODS", 1000) as usize;
+/// The operator's status-sync histogram per site: (sum of seconds, count).
+async fn sync_totals(metrics: Option<&str>) -> anyhow::Result<HashMap<String, (f64, f64)>> {
+    let Some(url) = metrics else {
+        return Ok(HashMap::new());
+    };
+    let (code, text) = http_get(&format!("{url}/metrics")).await?;
+    ensure!(code == 200, "operator /metrics: HTTP {code}");
+    let mut out: HashMap<String, (f64, f64)> = HashMap::new();
+    for line in text.lines() {
+        for (suffix, sum) in [("_sum{", true), ("_count{", false)] {
+            let Some(rest) = line.strip_prefix(&format!("offload_status_sync_duration_seconds{suffix}"))
+            else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let site = labels
+                .split("site=\"")
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or_default()
+                .to_string();
+            let v: f64 = value.trim().parse().unwrap_or(0.0);
+            let e = out.entry(site).or_default();
+            if sum { e.0 += v } else { e.1 += v }
+        }
+    }
+    Ok(out)
+}
+
+/// The slowest site's mean sync time between two [`sync_totals`]; NaN without syncs.
+fn slowest_mean_sync(before: &HashMap<String, (f64, f64)>, after: &HashMap<String, (f64, f64)>) -> f64 {
+    after
+        .iter()
+        .filter_map(|(site, (sum, count))| {
+            let (s0, c0) = before.get(site).copied().unwrap_or_default();
+            (count - c0 > 0.0).then(|| (sum - s0) / (count - c0))
+        })
+        .fold(f64::NAN, f64::max)
+}
+
+/// The system under test: its processes, its sites' simulators, where its pods go (round robin),
+/// and the operator's metrics server if it is the operator.
+struct System<'a> {
+    name: &'a str,
+    targets: Vec<Target>,
+    sims: &'a [Arc<SimHandle>],
+    pids: &'a [u32],
+    metrics: Option<String>,
+}
+
+/// Runs the workload through `sys` and measures it.
+async fn measure(t: &TestNamespace, sys: System<'_>, w: Workload) -> anyhow::Result<Row> {
+    let System {
+        name: system,
+        targets,
+        sims,
+        pids,
+        metrics,
+    } = sys;
+    let n = w.pods();
     let steady = Duration::from_secs(setting("OFFLOAD_COMPARE_STEADY_SECONDS", 300));
     let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
     let api_start = bench::apiserver_requests(&t.client).await?;
@@ -175,7 +253,7 @@ async fn measure(
     let created: HashMap<String, Instant> = futures::stream::iter(0..n)
         .map(|i| {
             let pods = pods.clone();
-            let target = target.clone();
+            let target = targets[i % targets.len()].clone();
             async move {
                 let name = format!("p{i}");
                 let at = Instant::now();
@@ -190,7 +268,7 @@ async fn measure(
         "{system}: {n} pods created in {:.1}s",
         burst.elapsed().as_secs_f64()
     );
-    let deadline = burst + Duration::from_secs(1800);
+    let deadline = burst + Duration::from_secs(3600);
     loop {
         let seen = running.lock().unwrap().len();
         if seen >= n {
@@ -198,7 +276,7 @@ async fn measure(
         }
         ensure!(
             Instant::now() < deadline,
-            "{system}: only {seen}/{n} pods Running after 30 min"
+            "{system}: only {seen}/{n} pods Running after an hour"
         );
         if burst.elapsed().as_secs().is_multiple_of(30) {
             eprintln!(
@@ -241,17 +319,19 @@ async fn measure(
         steady.as_secs()
     );
 
-    let (site0, api0, use0, t0) = (
+    let (site0, api0, use0, sync0, t0) = (
         site_requests(sims),
         bench::apiserver_requests(&t.client).await?,
         usage(pids),
+        sync_totals(metrics.as_deref()).await?,
         Instant::now(),
     );
     tokio::time::sleep(steady).await;
-    let (site1, api1, use1) = (
+    let (site1, api1, use1, sync1) = (
         site_requests(sims),
         bench::apiserver_requests(&t.client).await?,
         usage(pids),
+        sync_totals(metrics.as_deref()).await?,
     );
     let minutes = t0.elapsed().as_secs_f64() / 60.0;
 
@@ -296,6 +376,7 @@ async fn measure(
     top.truncate(10);
     let row = Row {
         system: system.into(),
+        sites: w.sites,
         pods: n,
         watched: stats3(&watched),
         conditions: stats3(&conditions),
@@ -305,6 +386,7 @@ async fn measure(
         steady_api_requests_per_minute: total(&bench::delta(&api0, &api1)) / minutes,
         steady_cores: (use1.cpu_seconds - use0.cpu_seconds) / (minutes * 60.0),
         usage: usage(pids),
+        sync_seconds: slowest_mean_sync(&sync0, &sync1),
         top,
     };
     eprintln!("{row:#?}");
@@ -339,23 +421,37 @@ async fn node_ready(t: &TestNamespace, name: &str) -> anyhow::Result<()> {
     .await
 }
 
-/// Measures a kubelet process that owns `node` (the virtual kubelet, the floor) once its Node is
-/// Ready; then stops it and removes its Node and Lease, whatever the outcome.
-async fn measure_kubelet(
+/// Measures kubelet processes (virtual kubelets, floors), one per Node, once every Node is Ready;
+/// then stops them and removes their Nodes and Leases, whatever the outcome.
+async fn measure_kubelets(
     t: &TestNamespace,
     system: &str,
-    mut child: tokio::process::Child,
-    node: &str,
+    mut children: Vec<(tokio::process::Child, String)>,
     sims: &[Arc<SimHandle>],
+    w: Workload,
 ) -> anyhow::Result<Row> {
-    let pid = child.id().with_context(|| format!("{system}: no pid"))?;
     let result = async {
-        node_ready(t, node).await?;
-        measure(t, system, Target::Node(node.to_string()), sims, &[pid]).await
+        let pids: Vec<u32> = children
+            .iter()
+            .map(|(c, _)| c.id().with_context(|| format!("{system}: no pid")))
+            .collect::<anyhow::Result<_>>()?;
+        for (_, node) in &children {
+            node_ready(t, node).await?;
+        }
+        let sys = System {
+            name: system,
+            targets: children.iter().map(|(_, n)| Target::Node(n.clone())).collect(),
+            sims,
+            pids: &pids,
+            metrics: None,
+        };
+        measure(t, sys, w).await
     }
     .await;
-    let _ = child.kill().await;
-    forget_node(t, node).await;
+    for (child, node) in &mut children {
+        let _ = child.kill().await;
+        forget_node(t, node).await;
+    }
     result
 }
 
@@ -377,101 +473,133 @@ fn simulator() -> SimConfig {
     }
 }
 
-/// A: interLink's virtual kubelet, one process for one site.
-async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>) {
+/// A: interLink's virtual kubelet, one process per site, each with its own simulated site.
+async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>, w: Workload) {
     TestNamespace::run("compare-vk", |t| async move {
         let bin = std::env::var("OFFLOAD_VK_BIN").context("OFFLOAD_VK_BIN: the virtual-kubelet binary (make bench-compare sets it)")?;
-        let sim = Arc::new(SimHandle::start(simulator()).await?);
-        let port = sim.url.rsplit_once(':').context("simulator port")?.1.to_string();
-        let node = format!("vk-{}", t.name);
-        // As interLink's docs configure it, with what running many on one machine needs: a
-        // self-signed kubelet certificate (no CSR to approve), room for the pods, quiet logs.
-        let config = t.cluster.dir.join(format!("{node}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "InterlinkURL: \"http://127.0.0.1\"\nInterlinkPort: \"{port}\"\nVerboseLogging: false\n\
-                 ErrorsOnlyLogging: true\nDisableCSR: true\nResources:\n  CPU: \"100000\"\n  Memory: \"1000Ti\"\n  Pods: \"5000\"\n"
-            ),
-        )?;
         let kubeconfig = std::fs::canonicalize(&t.cluster.admin_kubeconfig)?;
-        let child = spawn(
-            tokio::process::Command::new(&bin)
-                .env("NODENAME", &node)
-                .env("CONFIGPATH", &config)
-                .env("KUBECONFIG", &kubeconfig)
-                .env("KUBELET_URL", "127.0.0.1")
-                .env("KUBELET_PORT", free_port()?.to_string())
-                .env("POD_IP", "127.0.0.1"),
-            &t.cluster.dir.join(format!("{node}.log")),
-        )?;
-        let row = measure_kubelet(&t, "A interLink VK", child, &node, std::slice::from_ref(&sim)).await?;
+        let (mut sims, mut children) = (Vec::new(), Vec::new());
+        for i in 0..w.sites {
+            let sim = Arc::new(SimHandle::start(simulator()).await?);
+            let port = sim.url.rsplit_once(':').context("simulator port")?.1.to_string();
+            let node = format!("vk-{}-{i}", t.name);
+            // As interLink's docs configure it, with what running many on one machine needs: a
+            // self-signed kubelet certificate (no CSR to approve), room for the pods, quiet logs.
+            let config = t.cluster.dir.join(format!("{node}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "InterlinkURL: \"http://127.0.0.1\"\nInterlinkPort: \"{port}\"\nVerboseLogging: false\n\
+                     ErrorsOnlyLogging: true\nDisableCSR: true\nResources:\n  CPU: \"100000\"\n  Memory: \"1000Ti\"\n  Pods: \"5000\"\n"
+                ),
+            )?;
+            let child = spawn(
+                tokio::process::Command::new(&bin)
+                    .env("NODENAME", &node)
+                    .env("CONFIGPATH", &config)
+                    .env("KUBECONFIG", &kubeconfig)
+                    .env("KUBELET_URL", "127.0.0.1")
+                    .env("KUBELET_PORT", free_port()?.to_string())
+                    .env("POD_IP", "127.0.0.1"),
+                &t.cluster.dir.join(format!("{node}.log")),
+            )?;
+            sims.push(sim);
+            children.push((child, node));
+        }
+        let row = measure_kubelets(&t, "A interLink VK", children, &sims, w).await?;
         rows.lock().unwrap().push(row);
         Ok(())
     })
     .await;
 }
 
-/// B: offload-operator with one site, pods pinned (`scheduled` false) or placed by its scheduler.
-async fn operator(rows: Arc<Mutex<Vec<Row>>>, scheduled: bool) {
+/// B: offload-operator with the workload's sites, pods pinned (`scheduled` false) or placed by
+/// its scheduler.
+async fn operator(rows: Arc<Mutex<Vec<Row>>>, w: Workload, scheduled: bool) {
     let test = if scheduled {
         "compare-op-sched"
     } else {
         "compare-op-pinned"
     };
     Scenario::run(test, |s| async move {
-        // Production defaults: status sync and health probes at their default intervals.
-        let site = site_builder("site")
-            .unset("statusSyncIntervalSeconds")
-            .unset("healthCheck");
-        let sim = s.site_with(site, |c| *c = simulator()).await?;
+        let mut sims = Vec::new();
+        for i in 0..w.sites {
+            // Production defaults: status sync and health probes at their default intervals.
+            let site = site_builder(&format!("site{i}"))
+                .unset("statusSyncIntervalSeconds")
+                .unset("healthCheck");
+            sims.push(s.site_with(site, |c| *c = simulator()).await?);
+        }
         let pid = s.operator_pid().await.context("operator pid")?;
-        let (system, target) = if scheduled {
+        let (system, targets) = if scheduled {
             (
                 "B2 offload-operator, scheduled",
-                Target::Scheduler(s.default_policy().to_string()),
+                vec![Target::Scheduler(s.default_policy().to_string())],
             )
         } else {
             (
                 "B1 offload-operator, pinned",
-                Target::Node(format!("offload-{}", s.name("site"))),
+                (0..w.sites)
+                    .map(|i| Target::Node(format!("offload-{}", s.name(&format!("site{i}")))))
+                    .collect(),
             )
         };
-        let row = measure(&s.t, system, target, &[sim], &[pid]).await?;
+        let sys = System {
+            name: system,
+            targets,
+            sims: &sims,
+            pids: &[pid],
+            metrics: Some(s.metrics_url().await?),
+        };
+        let row = measure(&s.t, sys, w).await?;
         rows.lock().unwrap().push(row);
         Ok(())
     })
     .await;
 }
 
-/// C: the floor.
-async fn floor(rows: Arc<Mutex<Vec<Row>>>) {
+/// C: the floor, one process per Node.
+async fn floor(rows: Arc<Mutex<Vec<Row>>>, w: Workload) {
     TestNamespace::run("compare-floor", |t| async move {
-        let node = format!("floor-{}", t.name);
-        let child = spawn(
-            tokio::process::Command::new(workspace_binary("offload-floor")?)
-                .arg("--kubeconfig")
-                .arg(&t.cluster.admin_kubeconfig)
-                .args(["--node", &node]),
-            &t.cluster.dir.join(format!("{node}.log")),
-        )?;
-        let row = measure_kubelet(&t, "C floor", child, &node, &[]).await?;
+        let mut children = Vec::new();
+        for i in 0..w.sites {
+            let node = format!("floor-{}-{i}", t.name);
+            let child = spawn(
+                tokio::process::Command::new(workspace_binary("offload-floor")?)
+                    .arg("--kubeconfig")
+                    .arg(&t.cluster.admin_kubeconfig)
+                    .args(["--node", &node]),
+                &t.cluster.dir.join(format!("{node}.log")),
+            )?;
+            children.push((child, node));
+        }
+        let row = measure_kubelets(&t, "C floor", children, &[], w).await?;
         rows.lock().unwrap().push(row);
         Ok(())
     })
     .await;
+}
+
+/// A number, or `-` where there is none.
+fn or_dash(v: f64, digits: usize) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else {
+        format!("{v:.digits$}")
+    }
 }
 
 fn print(rows: &[Row]) {
     println!(
-        "\n| system | pods | to Running p50 / p99 / max (watched, s) | (Ready condition, s) | site requests / pod / min (steady) | API writes / pod lifecycle (pods; all) | API requests / min (steady) | CPU cores (steady) | CPU s (total) | peak RSS MiB |"
+        "\n| system | sites × pods | to Running p50 / p99 / max (watched, s) | (Ready condition, s) | site requests / pod / min (steady) | API writes / pod lifecycle (pods; all) | API requests / min (steady) | CPU cores (steady) | CPU s (total) | peak RSS MiB | one site's status sync (steady, s) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {:.1} / {:.1} / {:.1} | {} | {:.3} | {:.2}; {:.2} | {:.0} | {:.3} | {:.1} | {:.1} |",
+            "| {} | {} × {} | {:.1} / {:.1} / {:.1} | {} | {:.3} | {:.2}; {:.2} | {:.0} | {:.3} | {:.1} | {:.1} | {} |",
             r.system,
-            r.pods,
+            r.sites,
+            r.pods / r.sites.max(1),
             r.watched[0],
             r.watched[1],
             r.watched[2],
@@ -489,7 +617,8 @@ fn print(rows: &[Row]) {
             r.steady_api_requests_per_minute,
             r.steady_cores,
             r.usage.cpu_seconds,
-            r.usage.peak_rss_bytes as f64 / 1_048_576.0
+            r.usage.peak_rss_bytes as f64 / 1_048_576.0,
+            or_dash(r.sync_seconds, 3)
         );
     }
     for r in rows {
@@ -499,37 +628,78 @@ fn print(rows: &[Row]) {
         }
     }
     let find = |p: &str| rows.iter().find(|r| r.system.starts_with(p));
-    if let (Some(a), Some(b), Some(c)) = (find("A"), find("B1"), find("C")) {
-        println!(
-            "\nB1/A: site requests {:.4}, p99 to Running {:.2}, pod writes {:.2}, peak RSS {:.2}",
-            b.site_requests_per_pod_minute / a.site_requests_per_pod_minute,
-            b.watched[1] / a.watched[1],
-            b.pod_writes_per_pod / a.pod_writes_per_pod,
-            b.usage.peak_rss_bytes as f64 / a.usage.peak_rss_bytes as f64
-        );
-        println!(
-            "B1/C: p99 to Running {:.2}, pod writes {:.2}",
-            b.watched[1] / c.watched[1],
-            b.pod_writes_per_pod / c.pod_writes_per_pod
-        );
+    for b in ["B1", "B2"] {
+        let Some(b_row) = find(b) else { continue };
+        if let Some(a) = find("A") {
+            println!(
+                "\n{b}/A: site requests {:.4}, p99 to Running {:.2}, pod writes {:.2}, peak RSS {:.3}, steady CPU {:.2}",
+                b_row.site_requests_per_pod_minute / a.site_requests_per_pod_minute,
+                b_row.watched[1] / a.watched[1],
+                b_row.pod_writes_per_pod / a.pod_writes_per_pod,
+                b_row.usage.peak_rss_bytes as f64 / a.usage.peak_rss_bytes as f64,
+                b_row.steady_cores / a.steady_cores
+            );
+        }
+        if let Some(c) = find("C") {
+            println!(
+                "{b}/C: p99 to Running {:.2}, pod writes {:.2}",
+                b_row.watched[1] / c.watched[1],
+                b_row.pod_writes_per_pod / c.pod_writes_per_pod
+            );
+        }
     }
 }
 
-#[tokio::test]
-#[ignore = "a comparison benchmark: make bench-compare"]
-async fn one_site_burst_and_steady_state() {
+/// Runs the systems named in `OFFLOAD_COMPARE_SYSTEMS` (default `default`) on `w`, then prints
+/// the table.
+async fn compare(w: Workload, default: &str) {
     let rows: Arc<Mutex<Vec<Row>>> = Arc::default();
-    let only = std::env::var("OFFLOAD_COMPARE_SYSTEMS").unwrap_or_else(|_| "A,B1,B2,C".into());
+    let only = std::env::var("OFFLOAD_COMPARE_SYSTEMS").unwrap_or_else(|_| default.into());
+    eprintln!(
+        "workload: {} site(s) × {} pods; systems {only}",
+        w.sites, w.pods_per_site
+    );
     for system in only.split(',') {
         match system.trim() {
-            "A" => virtual_kubelet(rows.clone()).await,
-            "B1" => operator(rows.clone(), false).await,
-            "B2" => operator(rows.clone(), true).await,
-            "C" => floor(rows.clone()).await,
+            "A" => virtual_kubelet(rows.clone(), w).await,
+            "B1" => operator(rows.clone(), w, false).await,
+            "B2" => operator(rows.clone(), w, true).await,
+            "C" => floor(rows.clone(), w).await,
             other => panic!("unknown system {other} (A, B1, B2, C)"),
         }
     }
     let rows = rows.lock().unwrap().clone();
     assert_eq!(rows.len(), only.split(',').count(), "every system ran");
     print(&rows);
+}
+
+#[tokio::test]
+#[ignore = "a comparison benchmark: make bench-compare"]
+async fn burst_on_one_site() {
+    let w = Workload {
+        sites: 1,
+        pods_per_site: setting("OFFLOAD_COMPARE_PODS", 1000) as usize,
+    };
+    compare(w, "A,B1,B2,C").await;
+}
+
+#[tokio::test]
+#[ignore = "a comparison benchmark: make bench-compare"]
+async fn twenty_sites() {
+    let w = Workload {
+        sites: setting("OFFLOAD_COMPARE_SITES", 20) as usize,
+        pods_per_site: setting("OFFLOAD_COMPARE_PODS_PER_SITE", 100) as usize,
+    };
+    compare(w, "A,B1,B2,C").await;
+}
+
+#[tokio::test]
+#[ignore = "the operator alone at scale: make bench-scale"]
+async fn operator_at_scale() {
+    let sites = setting("OFFLOAD_SCALE_SITES", 10).max(1) as usize;
+    let w = Workload {
+        sites,
+        pods_per_site: setting("OFFLOAD_SCALE_PODS", 10_000) as usize / sites,
+    };
+    compare(w, "B1").await;
 }
