@@ -403,41 +403,76 @@ fn spawn(cmd: &mut tokio::process::Command, log: &std::path::Path) -> anyhow::Re
         .spawn()?)
 }
 
-/// Waits until the Node is Ready.
-async fn node_ready(t: &TestNamespace, name: &str) -> anyhow::Result<()> {
-    let nodes: Api<Node> = Api::all(t.client.clone());
-    wait::until(
-        &format!("Node {name} Ready"),
-        Duration::from_secs(180),
-        || async {
-            let ready = nodes
-                .get_opt(name)
-                .await?
-                .and_then(|n| n.status?.conditions)
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            Ok::<_, kube::Error>(ready.then_some(()))
-        },
-    )
-    .await
+/// A kubelet process to start: its command, the Node it owns, its log file.
+struct KubeletSpec {
+    cmd: tokio::process::Command,
+    node: String,
+    log: std::path::PathBuf,
 }
 
-/// Measures kubelet processes (virtual kubelets, floors), one per Node, once every Node is Ready;
-/// then stops them and removes their Nodes and Leases, whatever the outcome.
+/// The last lines of a log file.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Starts the kubelet and waits until its Node is Ready; fails early, with its log's tail, if the
+/// process exits first.
+async fn start_kubelet(
+    t: &TestNamespace,
+    mut spec: KubeletSpec,
+    children: &mut Vec<(tokio::process::Child, String)>,
+) -> anyhow::Result<()> {
+    let child = spawn(&mut spec.cmd, &spec.log)?;
+    children.push((child, spec.node.clone()));
+    let nodes: Api<Node> = Api::all(t.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = nodes
+            .get_opt(&spec.node)
+            .await?
+            .and_then(|n| n.status?.conditions)
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if ready {
+            return Ok(());
+        }
+        if let Some(status) = children.last_mut().and_then(|(c, _)| c.try_wait().ok().flatten()) {
+            anyhow::bail!(
+                "the kubelet of Node {} exited ({status}) before its Node was Ready; its log ends:\n{}",
+                spec.node,
+                log_tail(&spec.log)
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "Node {} not Ready after 180 s; its kubelet's log ends:\n{}",
+            spec.node,
+            log_tail(&spec.log)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Starts kubelet processes (virtual kubelets, floors), one per Node and one after another (each
+/// once the previous one's Node is Ready), measures them, then stops them and removes their Nodes
+/// and Leases, whatever the outcome.
 async fn measure_kubelets(
     t: &TestNamespace,
     system: &str,
-    mut children: Vec<(tokio::process::Child, String)>,
+    specs: Vec<KubeletSpec>,
     sims: &[Arc<SimHandle>],
     w: Workload,
 ) -> anyhow::Result<Row> {
+    let mut children = Vec::new();
     let result = async {
+        for spec in specs {
+            start_kubelet(t, spec, &mut children).await?;
+        }
         let pids: Vec<u32> = children
             .iter()
             .map(|(c, _)| c.id().with_context(|| format!("{system}: no pid")))
             .collect::<anyhow::Result<_>>()?;
-        for (_, node) in &children {
-            node_ready(t, node).await?;
-        }
         let sys = System {
             name: system,
             targets: children.iter().map(|(_, n)| Target::Node(n.clone())).collect(),
@@ -478,7 +513,7 @@ async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>, w: Workload) {
     TestNamespace::run("compare-vk", |t| async move {
         let bin = std::env::var("OFFLOAD_VK_BIN").context("OFFLOAD_VK_BIN: the virtual-kubelet binary (make bench-compare sets it)")?;
         let kubeconfig = std::fs::canonicalize(&t.cluster.admin_kubeconfig)?;
-        let (mut sims, mut children) = (Vec::new(), Vec::new());
+        let (mut sims, mut specs) = (Vec::new(), Vec::new());
         for i in 0..w.sites {
             let sim = Arc::new(SimHandle::start(simulator()).await?);
             let port = sim.url.rsplit_once(':').context("simulator port")?.1.to_string();
@@ -493,20 +528,18 @@ async fn virtual_kubelet(rows: Arc<Mutex<Vec<Row>>>, w: Workload) {
                      ErrorsOnlyLogging: true\nDisableCSR: true\nResources:\n  CPU: \"100000\"\n  Memory: \"1000Ti\"\n  Pods: \"5000\"\n"
                 ),
             )?;
-            let child = spawn(
-                tokio::process::Command::new(&bin)
-                    .env("NODENAME", &node)
-                    .env("CONFIGPATH", &config)
-                    .env("KUBECONFIG", &kubeconfig)
-                    .env("KUBELET_URL", "127.0.0.1")
-                    .env("KUBELET_PORT", free_port()?.to_string())
-                    .env("POD_IP", "127.0.0.1"),
-                &t.cluster.dir.join(format!("{node}.log")),
-            )?;
+            let mut cmd = tokio::process::Command::new(&bin);
+            cmd.env("NODENAME", &node)
+                .env("CONFIGPATH", &config)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("KUBELET_URL", "127.0.0.1")
+                .env("KUBELET_PORT", free_port()?.to_string())
+                .env("POD_IP", "127.0.0.1");
             sims.push(sim);
-            children.push((child, node));
+            let log = t.cluster.dir.join(format!("{node}.log"));
+            specs.push(KubeletSpec { cmd, node, log });
         }
-        let row = measure_kubelets(&t, "A interLink VK", children, &sims, w).await?;
+        let row = measure_kubelets(&t, "A interLink VK", specs, &sims, w).await?;
         rows.lock().unwrap().push(row);
         Ok(())
     })
@@ -561,19 +594,17 @@ async fn operator(rows: Arc<Mutex<Vec<Row>>>, w: Workload, scheduled: bool) {
 /// C: the floor, one process per Node.
 async fn floor(rows: Arc<Mutex<Vec<Row>>>, w: Workload) {
     TestNamespace::run("compare-floor", |t| async move {
-        let mut children = Vec::new();
+        let mut specs = Vec::new();
         for i in 0..w.sites {
             let node = format!("floor-{}-{i}", t.name);
-            let child = spawn(
-                tokio::process::Command::new(workspace_binary("offload-floor")?)
-                    .arg("--kubeconfig")
-                    .arg(&t.cluster.admin_kubeconfig)
-                    .args(["--node", &node]),
-                &t.cluster.dir.join(format!("{node}.log")),
-            )?;
-            children.push((child, node));
+            let mut cmd = tokio::process::Command::new(workspace_binary("offload-floor")?);
+            cmd.arg("--kubeconfig")
+                .arg(&t.cluster.admin_kubeconfig)
+                .args(["--node", &node]);
+            let log = t.cluster.dir.join(format!("{node}.log"));
+            specs.push(KubeletSpec { cmd, node, log });
         }
-        let row = measure_kubelets(&t, "C floor", children, &[], w).await?;
+        let row = measure_kubelets(&t, "C floor", specs, &[], w).await?;
         rows.lock().unwrap().push(row);
         Ok(())
     })

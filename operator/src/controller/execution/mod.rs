@@ -319,13 +319,47 @@ async fn still_at_site(client: &crate::interlink::SiteClient, pod: &Pod) -> bool
 /// asks the site before creating again. It goes through the status subresource (which keeps
 /// annotations) with the pod's first status, so the marker costs no write of its own.
 async fn mark_sending(ctx: &Context, pod: &Pod, site: &str) -> Result<(), kube::Error> {
-    let now = jiff::Timestamp::now().to_string();
-    let mut patch = pending_patch(pod, "ContainerCreating", &format!("sending to site {site}"));
-    patch["metadata"] = json!({"annotations": {ANNOTATION_CREATE_SENT: now}});
-    Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
-        .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(
+        ANNOTATION_CREATE_SENT.into(),
+        jiff::Timestamp::now().to_string().into(),
+    );
+    let patch = pending_patch(pod, "ContainerCreating", &format!("sending to site {site}"));
+    let api = Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    patch_status_and_annotations(&api, &pod.name_any(), patch, annotations)
         .await
         .map(|_| ())
+}
+
+/// One status write that also sets `annotations` (the status subresource of pods keeps metadata
+/// changes; docs/adr/0007). Should an API server drop them, they are written by a metadata patch
+/// right after, so the marker and the remote id are never lost for it; a warning says so once.
+pub(super) async fn patch_status_and_annotations(
+    api: &Api<Pod>,
+    name: &str,
+    mut patch: serde_json::Value,
+    annotations: serde_json::Map<String, serde_json::Value>,
+) -> Result<Pod, kube::Error> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    patch["metadata"] = json!({"annotations": annotations});
+    let after = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let kept = annotations
+        .iter()
+        .all(|(k, v)| after.annotations().get(k).map(|a| json!(a)) == Some(v.clone()));
+    if kept {
+        return Ok(after);
+    }
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            pod = name,
+            "the API server dropped annotations sent with a pod status write; writing them separately (one more write per pod)"
+        );
+    }
+    let metadata = json!({"metadata": {"annotations": annotations}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&metadata))
+        .await
 }
 
 /// Pending, every container waiting with this reason; not written again when every container

@@ -15,7 +15,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Ctx, delete_at_site, fail, token};
+use super::{Ctx, delete_at_site, fail, patch_status_and_annotations, token};
 use crate::{
     controller::{events::Reason, load, node::node_name, site_client, status_map, written::WrittenStatuses},
     crd::{ANNOTATION_TOKEN_EXPIRES, OffloadSite},
@@ -270,14 +270,17 @@ async fn apply_answers(ctx: &Ctx, name: &str, active: &[Pod], statuses: &[PodSta
             note_started(ctx, &uid, name);
         }
         let api: Api<Pod> = Api::namespaced(ctx.shared.client.clone(), &pod.namespace().unwrap_or_default());
-        let mut patch = json!({"status": new});
-        if let Some(annotations) = record {
-            patch["metadata"] = json!({"annotations": annotations});
-        }
-        match api
-            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let patch = json!({"status": new});
+        let written = match record {
+            Some(annotations) => {
+                patch_status_and_annotations(&api, &pod.name_any(), patch, annotations).await
+            }
+            None => {
+                api.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+            }
+        };
+        match written {
             Ok(after) => {
                 patched += 1;
                 ctx.unrecorded().written(&uid);
