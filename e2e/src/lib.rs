@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cluster;
 pub mod fixtures;
 pub mod namespace;
+pub mod nodes;
 pub mod operator;
 pub mod pki;
 pub mod prometheus;

@@ -157,7 +157,8 @@ impl Operator {
     ) -> anyhow::Result<Operator> {
         let port = free_port()?;
         let kubelet_port = free_port()?;
-        let log = cluster.dir.join(format!("operator-{namespace}.log"));
+        // One file per process: replicas of one namespace (leader election) run side by side.
+        let log = cluster.dir.join(format!("operator-{namespace}-{port}.log"));
         let file = std::fs::File::create(&log)?;
         let mut cmd = tokio::process::Command::new(workspace_binary("offload-operator")?);
         cmd.arg("run").args(["--kubelet-port", &kubelet_port.to_string()]);
@@ -229,6 +230,25 @@ impl Operator {
     /// Stops it at once (SIGKILL), as a crash would.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Stops it gracefully (SIGTERM, as the kubelet does) and waits up to `within` for it to
+    /// exit; kills it if it has not. Returns whether it exited on its own.
+    pub async fn terminate(&mut self, within: Duration) -> bool {
+        let Some(pid) = self.child.id() else {
+            return true;
+        };
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(_) => true,
+            Err(_) => {
+                let _ = self.child.kill().await;
+                false
+            }
+        }
     }
 
     /// The last lines of its log.

@@ -245,6 +245,37 @@ impl Scenario {
         }
     }
 
+    /// Stops the operator gracefully (SIGTERM; see [`Operator::terminate`]), until
+    /// [`Scenario::start_operator`]; fails if it did not exit within 30 s.
+    pub async fn terminate_operator(&self) -> anyhow::Result<()> {
+        if let Some(mut op) = self.op.lock().await.take() {
+            anyhow::ensure!(
+                op.terminate(Duration::from_secs(30)).await,
+                "the operator did not exit within 30 s of SIGTERM\n{}",
+                op.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
+    /// Another replica (same namespace, selector and arguments) beside the scenario's operator,
+    /// owned by the caller: with `--leader-elect` it stands by.
+    pub async fn replica(&self) -> anyhow::Result<Operator> {
+        let args: Vec<&str> = self.operator_args.iter().map(String::as_str).collect();
+        Operator::start_with(self.t.cluster, &self.t.name, &args).await
+    }
+
+    /// The `/readyz` answer of the scenario's operator (`ok: leader`, `ok: standby`, ...).
+    pub async fn operator_readyz(&self) -> anyhow::Result<String> {
+        let op = self.op.lock().await;
+        let (_, body) = op
+            .as_ref()
+            .context("the operator is stopped")?
+            .probe("/readyz")
+            .await?;
+        Ok(body)
+    }
+
     /// Starts an operator (same namespace, selector and arguments) if none runs.
     pub async fn start_operator(&self) -> anyhow::Result<()> {
         let mut op = self.op.lock().await;

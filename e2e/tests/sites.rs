@@ -357,7 +357,10 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
             // assumes a partition), so two healthy peer nodes keep the zone "normal" and eviction
             // possible.
             let peers: Vec<String> = (1..=2).map(|i| format!("{}-peer-{i}", s.t.name)).collect();
-            let keeper = tokio::spawn(keep_nodes_healthy(s.t.client.clone(), peers.clone()));
+            let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
+                s.t.client.clone(),
+                peers.clone(),
+            ));
             let result = async {
                 wait_ready(&s.sites, &name, true).await?;
                 let pod = serde_json::from_value(json!({
@@ -416,28 +419,6 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
         },
     )
     .await;
-}
-
-/// Plays the kubelet of plain nodes: Ready status and a fresh Lease every second.
-async fn keep_nodes_healthy(client: kube::Client, names: Vec<String>) {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
-    let pp = PatchParams::apply("e2e-peer").force();
-    loop {
-        let now = jiff::Timestamp::now().to_string();
-        for n in &names {
-            let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}});
-            let _ = nodes.patch(n, &pp, &Patch::Apply(&node)).await;
-            let status = json!({"apiVersion": "v1", "kind": "Node", "status": {"conditions": [{
-                "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "e2e peer",
-                "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
-            let _ = nodes.patch_status(n, &pp, &Patch::Apply(&status)).await;
-            let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": n},
-                "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}});
-            let _ = leases.patch(n, &pp, &Patch::Apply(&lease)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// Deleting a site with a running pod on it (ADR 0002): the pod is deleted first, which cancels

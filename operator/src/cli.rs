@@ -91,6 +91,63 @@ pub struct RunArgs {
     /// Seconds between node lease renewals (a kubelet's default is 10).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=30))]
     pub node_lease_renew_seconds: u64,
+    /// Run as one of several replicas: only the holder of the Lease `--leader-elect-lease` (in
+    /// `--namespace`) schedules, creates, deletes and syncs; the others stay ready with warm
+    /// caches and take over when it stops.
+    #[arg(long, env = "OFFLOAD_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader Lease, in the operator's namespace. Operators sharded with
+    /// `--site-selector` need one name each.
+    #[arg(long, default_value = "offload-operator")]
+    pub leader_elect_lease: String,
+    /// Seconds a standby waits for a silent leader before it takes over (the Lease's duration).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=600))]
+    pub leader_elect_lease_duration_seconds: u64,
+    /// The leader stops acting when it could not renew the Lease for this many seconds; shorter
+    /// than the lease duration, so it stops before a standby may take over.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
+    pub leader_elect_renew_deadline_seconds: u64,
+    /// Seconds between a standby's reads of the Lease, and between the leader's renewals; a
+    /// released Lease is taken over within about this long.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub leader_elect_retry_period_seconds: u64,
+    /// This replica's identity in the Lease, to which a random suffix is added; default: the pod
+    /// name, else the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub leader_elect_identity: Option<String>,
+}
+
+impl RunArgs {
+    /// The leader elector, if `--leader-elect` is set and its timing is sound.
+    fn elector(&self, client: &kube::Client) -> Result<Option<crate::leader::Elector>, String> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let timing = crate::leader::Timing {
+            duration: std::time::Duration::from_secs(self.leader_elect_lease_duration_seconds),
+            renew_deadline: std::time::Duration::from_secs(self.leader_elect_renew_deadline_seconds),
+            retry: std::time::Duration::from_secs(self.leader_elect_retry_period_seconds),
+        };
+        timing.validate()?;
+        let base = self
+            .leader_elect_identity
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "offload-operator".into());
+        Ok(Some(crate::leader::Elector::new(
+            client.clone(),
+            &self.namespace,
+            &self.leader_elect_lease,
+            crate::leader::identity(&base),
+            timing,
+        )))
+    }
 }
 
 /// Runs the command line `cli` (after the crypto provider is installed).
@@ -155,6 +212,16 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let elector = match args.elector(&client) {
+        Ok(e) => e,
+        Err(err) => {
+            tracing::error!("invalid leader election settings: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(e) = &elector {
+        tracing::info!(identity = e.identity(), lease = %args.leader_elect_lease, "leader election on");
+    }
     let health = server::Health::default();
     let (addr, _server) = match server::serve(args.metrics_addr, metrics.clone(), health.clone()).await {
         Ok(s) => s,
@@ -196,7 +263,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         }
         _ => tracing::warn!("no kubelet TLS configured: kubectl logs is unavailable for offloaded pods"),
     }
-    controller::run(ctx).await;
+    controller::run(ctx, elector).await;
     tracing::info!("shutting down");
     ExitCode::SUCCESS
 }

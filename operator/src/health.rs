@@ -38,6 +38,7 @@ pub const WATCH_ERROR_REPEAT: Duration = Duration::from_secs(75);
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    role: Arc<Mutex<Option<&'static str>>>,
     beats: Arc<Mutex<BTreeMap<&'static str, Instant>>>,
     watches: Arc<Mutex<BTreeMap<String, WatchState>>>,
 }
@@ -89,12 +90,27 @@ impl Health {
         self.ready.store(true, Ordering::Relaxed);
     }
 
+    /// Sets this replica's role in leader election (`leader`, `standby`), which `/readyz` names
+    /// when it answers 200. `None`: no election (the one replica leads).
+    pub fn set_role(&self, role: Option<&'static str>) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = role;
+    }
+
+    /// This replica's role in leader election, if it takes part in one.
+    pub fn role(&self) -> Option<&'static str> {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The heartbeat of the loop `name`, which must call [`Heartbeat::beat`] once per round.
-    /// Registering counts as a first beat.
+    /// Registering counts as a first beat. When the last clone is dropped (the loop stopped on
+    /// purpose: a replica that lost the leadership), the loop is forgotten; dropped while its
+    /// task panics, it stays, goes stale and makes liveness fail.
     pub fn heartbeat(&self, name: &'static str) -> Heartbeat {
         let h = Heartbeat {
-            name,
-            beats: self.beats.clone(),
+            inner: Arc::new(BeatInner {
+                name,
+                beats: self.beats.clone(),
+            }),
         };
         h.beat();
         h
@@ -154,6 +170,10 @@ impl Health {
 /// One loop's heartbeat (see [`Health::heartbeat`]).
 #[derive(Clone)]
 pub struct Heartbeat {
+    inner: Arc<BeatInner>,
+}
+
+struct BeatInner {
     name: &'static str,
     beats: Arc<Mutex<BTreeMap<&'static str, Instant>>>,
 }
@@ -161,16 +181,30 @@ pub struct Heartbeat {
 impl Heartbeat {
     /// One round done.
     pub fn beat(&self) {
-        self.beats
+        self.inner
+            .beats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(self.name, Instant::now());
+            .insert(self.inner.name, Instant::now());
+    }
+}
+
+impl Drop for BeatInner {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.beats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(self.name);
+        }
     }
 }
 
 impl std::fmt::Debug for Heartbeat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Heartbeat").field("name", &self.name).finish()
+        f.debug_struct("Heartbeat")
+            .field("name", &self.inner.name)
+            .finish()
     }
 }
 
@@ -253,6 +287,18 @@ mod tests {
         assert_eq!(p.0.len(), 1, "{p}");
         assert!(p.0[0].starts_with("node-leases last completed a round"), "{p}");
         sync.beat();
+    }
+
+    #[test]
+    fn a_loop_stopped_on_purpose_is_forgotten() {
+        let h = Health::default();
+        let sync = h.heartbeat("status-sync");
+        let clone = sync.clone();
+        drop(sync);
+        let later = Instant::now() + Duration::from_secs(130);
+        assert_eq!(h.liveness(later).0.len(), 1, "a clone still runs the loop");
+        drop(clone);
+        assert!(h.liveness(later).is_empty(), "{}", h.liveness(later));
     }
 
     #[test]

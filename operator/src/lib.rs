@@ -12,6 +12,7 @@ pub mod health;
 pub mod interlink;
 pub mod kubeclient;
 pub mod kubelet;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod quantity;

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub remotejob_attempts: IntCounterVec,
     /// Time from a RemoteJob's first attempt to its end, by result.
     pub remotejob_duration: HistogramVec,
+    /// 1 while this replica leads (schedules, creates, deletes, syncs); 0 on a standby.
+    pub leader: prometheus::IntGauge,
+    /// Times this replica became the leader.
+    pub leader_transitions: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -157,6 +161,18 @@ impl Metrics {
             ]),
             &["outcome"],
         )?;
+        // Without leader election the one replica leads from the start.
+        let leader = prometheus::IntGauge::new(
+            "offload_leader",
+            "1 while this replica is the leader (it schedules, creates, deletes and syncs); 0 on a standby",
+        )?;
+        leader.set(1);
+        let leader_transitions = prometheus::IntCounter::new(
+            "offload_leader_transitions_total",
+            "Times this replica acquired the leader lease",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(leader_transitions.clone()))?;
         registry.register(Box::new(remotejobs.clone()))?;
         registry.register(Box::new(remotejob_attempts.clone()))?;
         registry.register(Box::new(remotejob_duration.clone()))?;
@@ -192,6 +208,8 @@ impl Metrics {
             remotejobs,
             remotejob_attempts,
             remotejob_duration,
+            leader,
+            leader_transitions,
         })
     }
 

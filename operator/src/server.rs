@@ -16,6 +16,15 @@ fn answer(problems: Problems) -> (StatusCode, String) {
     }
 }
 
+/// `/readyz`: as [`answer`], and a ready replica taking part in leader election says whether it
+/// leads (`ok: leader`, `ok: standby`). A standby is ready: it serves metrics and takes over.
+fn readiness(health: &Health) -> (StatusCode, String) {
+    match (answer(health.readiness(Instant::now())), health.role()) {
+        ((StatusCode::OK, _), Some(role)) => (StatusCode::OK, format!("ok: {role}")),
+        (other, _) => other,
+    }
+}
+
 /// The router (separate for tests).
 pub fn router(metrics: Metrics, health: Health) -> Router {
     Router::new()
@@ -29,7 +38,7 @@ pub fn router(metrics: Metrics, health: Health) -> Router {
         )
         .route(
             "/readyz",
-            get(|State((_, h)): State<(Metrics, Health)>| async move { answer(h.readiness(Instant::now())) }),
+            get(|State((_, h)): State<(Metrics, Health)>| async move { readiness(&h) }),
         )
         .with_state((metrics, health))
 }

@@ -45,3 +45,7 @@ app.kubernetes.io/part-of: offload-operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 {{- end }}
+
+{{- define "offload-operator.leaseName" -}}
+{{- default (include "offload-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}

@@ -148,9 +148,10 @@ pub fn site_client(clients: &SiteClients, site: &str) -> Option<(crate::interlin
         .and_then(|h| h.client().map(|c| (c, h.is_reachable())))
 }
 
-/// Runs every controller on `ctx` until one ends (a shutdown signal ends them all). `ready` is
-/// called once every cache has listed.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the operator on `ctx` until a shutdown signal: marks it ready once every cache has
+/// listed (a standby too: its caches stay warm), and runs the controllers ([`lead`]) always
+/// without an `elector`, or only while this replica leads with one.
+pub async fn run(ctx: Arc<Context>, elector: Option<crate::leader::Elector>) {
     let ready = {
         let ctx = ctx.clone();
         async move {
@@ -160,12 +161,26 @@ pub async fn run(ctx: Arc<Context>) {
             std::future::pending::<()>().await
         }
     };
+    let work = async {
+        match elector {
+            None => lead(ctx.clone()).await,
+            Some(elector) => elector.run(&ctx.health, &ctx.metrics, || lead(ctx.clone())).await,
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = ready => {}
+    }
+}
+
+/// Runs every controller on `ctx` until one ends (a shutdown signal ends them all). Dropping the
+/// future stops them all, with every task they started (a replica that lost the leadership).
+pub async fn lead(ctx: Arc<Context>) {
     tokio::select! {
         _ = site::run(ctx.clone()) => {}
         _ = execution::run(ctx.clone()) => {}
         _ = scheduler::run(ctx.clone()) => {}
         _ = remote_job::run(ctx.clone()) => {}
         _ = lease::renew_forever(ctx.clone()) => {}
-        _ = ready => {}
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{
         DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
-        NodeSystemInfo, Taint,
+        NodeSystemInfo, Taint, Toleration,
     },
     apimachinery::pkg::{
         api::resource::Quantity,
@@ -30,6 +30,37 @@ pub const UNREACHABLE_TAINT: &str = "offload.dev/unreachable";
 pub const REACHABLE_CONDITION: &str = "OffloadSiteReachable";
 
 const NODE_PREFIX: &str = "offload-";
+
+/// The taints kube-controller-manager puts on a Node whose kubelet (here: the operator) stopped
+/// renewing its Lease (ADR 0009).
+pub const OUTAGE_TAINTS: [&str; 2] = ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"];
+
+/// Tolerations, without a time limit, of [`OUTAGE_TAINTS`] (NoExecute): a pod carrying them from
+/// its creation is not evicted while the operator is down, since its work runs at the site, not on
+/// the Node. Added where `existing` has no NoExecute toleration of the key (the pod's own choice,
+/// and kube-apiserver's default of 300 s, set at admission, win: the shortest matching toleration
+/// decides, so these must be there before admission).
+pub fn outage_tolerations(existing: &[Toleration]) -> Vec<Toleration> {
+    OUTAGE_TAINTS
+        .iter()
+        .filter(|key| {
+            !existing.iter().any(|t| {
+                let key_matches = t.key.as_deref().is_none_or(|k| k.is_empty() || k == **key);
+                let effect_matches = t
+                    .effect
+                    .as_deref()
+                    .is_none_or(|e| e.is_empty() || e == "NoExecute");
+                key_matches && effect_matches
+            })
+        })
+        .map(|key| Toleration {
+            key: Some((*key).into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            ..Default::default()
+        })
+        .collect()
+}
 
 /// Node name of a site.
 pub fn node_name(site: &str) -> String {
@@ -322,6 +353,43 @@ pub fn desired_status(
 mod tests {
     use super::*;
     use crate::interlink::wire::{PingAccelerator, PingResources, PingTaint};
+
+    #[test]
+    fn outage_tolerations_are_added_only_where_the_pod_has_none() {
+        let t = |key: Option<&str>, effect: Option<&str>, seconds: Option<i64>| Toleration {
+            key: key.map(Into::into),
+            effect: effect.map(Into::into),
+            toleration_seconds: seconds,
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        let added = outage_tolerations(&[]);
+        assert_eq!(added.len(), 2);
+        assert!(
+            added
+                .iter()
+                .all(|t| t.toleration_seconds.is_none() && t.effect.as_deref() == Some("NoExecute"))
+        );
+        // The pod's own choice for one key (evict after a minute) is kept.
+        let own = outage_tolerations(&[t(
+            Some("node.kubernetes.io/unreachable"),
+            Some("NoExecute"),
+            Some(60),
+        )]);
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].key.as_deref(), Some("node.kubernetes.io/not-ready"));
+        // A NoSchedule toleration of the key does not count; an everything-toleration does.
+        assert_eq!(
+            outage_tolerations(&[t(
+                Some("node.kubernetes.io/unreachable"),
+                Some("NoSchedule"),
+                None
+            )])
+            .len(),
+            2
+        );
+        assert!(outage_tolerations(&[t(None, None, None)]).is_empty());
+    }
 
     fn site() -> OffloadSite {
         let mut s: OffloadSite = serde_json::from_value(serde_json::json!({

@@ -83,9 +83,14 @@ pub async fn run(shared: Arc<Context>) {
         unrecorded: Mutex::default(),
         completed: Mutex::default(),
     });
-    tokio::spawn(sync::sync_forever(ctx.clone()));
-    let results = controller.shutdown_on_signal().run(reconcile, error_policy, ctx);
-    super::drain(results, CONTROLLER).await;
+    let results = controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx.clone());
+    // The sync runs beside the controller and stops with it (shutdown, or lost leadership).
+    tokio::select! {
+        _ = sync::sync_forever(ctx) => {}
+        _ = super::drain(results, CONTROLLER) => {}
+    }
 }
 
 fn error_policy(pod: Arc<Pod>, err: &Error, ctx: Arc<Ctx>) -> Action {

@@ -43,11 +43,14 @@ pub(super) async fn sync_forever(ctx: Arc<Ctx>) {
     let heartbeat = ctx.shared.health.heartbeat("status-sync");
     let mut last: HashMap<String, Instant> = HashMap::new();
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // Owned here, so dropping this future aborts every site's sync in progress.
+    let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         heartbeat.beat();
+        while tasks.try_join_next().is_some() {}
         for site in ctx.shared.sites.store().state() {
             let name = site.name_any();
             let every = Duration::from_secs(site.spec.status_sync_interval_seconds.max(1) as u64);
@@ -63,7 +66,7 @@ pub(super) async fn sync_forever(ctx: Arc<Ctx>) {
             }
             last.insert(name.clone(), Instant::now());
             let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let sync = async {
                     sweep_gone(&ctx, &site).await;
                     sync_site(&ctx, &site).await

@@ -13,7 +13,10 @@ use kube::{Resource, ResourceExt};
 
 use crate::{
     controller::events::Reason,
-    controller::{load::is_finished, node::site_of_node},
+    controller::{
+        load::is_finished,
+        node::{outage_tolerations, site_of_node},
+    },
     crd::{
         ANNOTATION_EXCLUDE_SITES, ANNOTATION_POLICY, ANNOTATION_REMOTE_ID, ANNOTATION_SITE, LABEL_ATTEMPT,
         LABEL_JOB_NAME, LABEL_JOB_UID, RemoteJob, RemoteJobStatus,
@@ -138,12 +141,16 @@ pub fn attempt_pod(job: &RemoteJob, index: i32, exclude: &[String]) -> Pod {
         controller: Some(true),
         block_owner_deletion: Some(true),
     };
-    let spec = PodSpec {
+    let mut spec = PodSpec {
         scheduler_name: Some(SCHEDULER_NAME.into()),
         restart_policy: Some("Never".into()),
         node_name: None,
         ..template.spec.unwrap_or_default()
     };
+    // Its work runs at the site: an operator outage must not evict it (ADR 0009).
+    let mut tolerations = spec.tolerations.take().unwrap_or_default();
+    tolerations.extend(outage_tolerations(&tolerations));
+    spec.tolerations = Some(tolerations);
     Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&name, index)),

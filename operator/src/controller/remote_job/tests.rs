@@ -123,6 +123,18 @@ fn attempt_pod_is_owned_placed_by_the_offload_scheduler_and_never_restarted() {
     assert_eq!(spec.scheduler_name.as_deref(), Some("offload-scheduler"));
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     assert_eq!(spec.node_name, None);
+    let tolerated: Vec<_> = spec
+        .tolerations
+        .iter()
+        .flatten()
+        .filter(|t| t.effect.as_deref() == Some("NoExecute") && t.toleration_seconds.is_none())
+        .filter_map(|t| t.key.as_deref())
+        .collect();
+    assert_eq!(
+        tolerated,
+        ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"],
+        "an operator outage must not evict an attempt"
+    );
     let labels = p.metadata.labels.unwrap();
     assert_eq!(labels["app"], "x");
     assert_eq!(labels["offload.dev/attempt"], "2");
