@@ -11,16 +11,25 @@ use kube::{
 };
 use serde_json::json;
 
-/// Plays the kubelet of plain nodes `names`: Ready status and a fresh Lease every second, until
-/// the task is aborted.
-pub async fn keep_healthy(client: kube::Client, names: Vec<String>) {
+/// The label kube-controller-manager groups nodes into zones by. A test that expects an eviction
+/// puts its site's Node and its peers in a zone of their own: in the shared cluster's one
+/// unlabelled zone, other tests' NotReady Nodes can put the zone in partial disruption, where a
+/// small cluster evicts nothing.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Plays the kubelet of plain nodes `names` in zone `zone` (`None`: unlabelled): Ready status and
+/// a fresh Lease every second, until the task is aborted.
+pub async fn keep_healthy(client: kube::Client, names: Vec<String>, zone: Option<String>) {
     let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     let pp = PatchParams::apply("e2e-peer").force();
     loop {
         let now = jiff::Timestamp::now().to_string();
         for n in &names {
-            let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}});
+            let mut node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}});
+            if let Some(zone) = &zone {
+                node["metadata"]["labels"] = json!({ZONE_LABEL: zone});
+            }
             let _ = nodes.patch(n, &pp, &Patch::Apply(&node)).await;
             let status = json!({"apiVersion": "v1", "kind": "Node", "status": {"conditions": [{
                 "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "e2e peer",

@@ -19,11 +19,13 @@ use kube::{
 };
 use offload_e2e::{
     fixtures::{pod_builder, site_builder, wait_site_ready},
+    nodes::ZONE_LABEL,
     operator::{Operator, TEST_LABEL},
     scenario::Scenario,
     sitesim::{SimConfig, SimHandle, exactly_once},
     wait,
 };
+use serde_json::json;
 
 const HA: &[&str] = &["--leader-elect"];
 const PODS: usize = 200;
@@ -77,12 +79,24 @@ async fn slow_site(s: &Scenario) -> anyhow::Result<(Arc<SimHandle>, String)> {
 }
 
 /// Creates `PODS` short pods on the site's node, one after another.
+///
+/// They tolerate a silent Node for 60 s. The test cluster's node-monitor grace period is 8 s and
+/// its default toleration 2 s (E2E_FAST_NODE_LIFECYCLE), so a 15 s takeover would have every pod
+/// evicted; a production cluster's 50 s grace period and 300 s default leave a 15 s takeover far
+/// inside, and 60 s keeps that relation here.
 async fn burst(s: &Scenario, site: &str) -> anyhow::Result<()> {
+    let tolerate =
+        |key: &str| json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60});
+    let tolerations = json!({"tolerations": [
+        tolerate("node.kubernetes.io/unreachable"),
+        tolerate("node.kubernetes.io/not-ready"),
+    ]});
     for i in 0..PODS {
         let p = pod_builder(&format!("burst-{i}"))
             .on_node(site)
             .script("")
             .runs_for(2)
+            .merge_spec(tolerations.clone())
             .build()?;
         s.pods.create(&PostParams::default(), &p).await?;
     }
@@ -252,7 +266,6 @@ async fn a_rolling_upgrade_hands_over_in_seconds_without_losing_a_pod() {
 #[tokio::test]
 async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period() {
     use offload_operator::crd::{RemoteJob, remote_job::RemoteJobPhase};
-    use serde_json::json;
     const JOBS: usize = 20;
     Scenario::run_with(
         "ha-outage",
@@ -268,7 +281,9 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
                     ..SimConfig::default()
                 })
                 .await?;
-            let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+            // The site's Node and its peers in a zone of their own (see offload_e2e::nodes).
+            let zone = json!({"node": {"labels": {ZONE_LABEL: s.t.name}}});
+            let site = s.create_site(&site_builder("hpc").merge(zone), &sim.url).await?;
             wait_site_ready(&s.sites, &site).await?;
             let policy = s
                 .policy(offload_e2e::fixtures::policy_builder("jobs").sites(&[&site]))
@@ -277,6 +292,7 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
             let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
                 s.t.client.clone(),
                 peers.clone(),
+                Some(s.t.name.clone()),
             ));
             let jobs: Api<RemoteJob> = Api::namespaced(s.t.client.clone(), &s.t.name);
             let result = async {

@@ -16,6 +16,7 @@ use kube::{
     Api,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
+use offload_e2e::nodes::ZONE_LABEL;
 use offload_e2e::{
     fixtures::{SiteBuilder, site_builder},
     scenario::Scenario,
@@ -349,7 +350,9 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
         &["--node-lease-renew-seconds", "2"],
         |s| async move {
             let sim = s.sim(simulated()).await?;
-            let name = s.create_site(&site("hpc"), &sim.url).await?;
+            // The site's Node and its peers in a zone of their own (see offload_e2e::nodes).
+            let zone = json!({"node": {"labels": {ZONE_LABEL: s.t.name}}});
+            let name = s.create_site(&site("hpc").merge(zone), &sim.url).await?;
             let node = format!("offload-{name}");
             let evict_after =
                 Duration::from_secs(s.t.cluster.node_grace_seconds + s.t.cluster.toleration_seconds);
@@ -360,6 +363,7 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
             let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
                 s.t.client.clone(),
                 peers.clone(),
+                Some(s.t.name.clone()),
             ));
             let result = async {
                 wait_ready(&s.sites, &name, true).await?;

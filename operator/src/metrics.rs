@@ -213,6 +213,18 @@ impl Metrics {
         })
     }
 
+    /// Clears the series only the leader keeps current (site health, pods, RemoteJobs, pending
+    /// pods), when this replica stops leading: a standby exports none, so sums over replicas
+    /// count each pod once.
+    pub fn clear_leader_series(&self) {
+        self.site_up.reset();
+        self.probe_latency.reset();
+        self.pods.reset();
+        self.last_status_sync.reset();
+        self.remotejobs.reset();
+        self.pending_pods.set(0);
+    }
+
     /// Forgets a deleted site's series.
     pub fn forget_site(&self, site: &str) {
         let _ = self.site_up.remove_label_values(&[site]);

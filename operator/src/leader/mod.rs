@@ -82,6 +82,7 @@ impl Elector {
                 tokio::select! {
                     _ = lead() => return,
                     _ = lost(&mut rx) => {
+                        metrics.clear_leader_series();
                         tracing::warn!(lease = %self.name, "lost the leadership: controllers stopped; contending again");
                     }
                 }
