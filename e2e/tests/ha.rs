@@ -27,7 +27,9 @@ use offload_e2e::{
 };
 use serde_json::json;
 
-const HA: &[&str] = &["--leader-elect"];
+/// Leader election, and node leases renewed well inside the test cluster's 8 s node-monitor grace
+/// period (the 10 s default, a kubelet's, suits a production cluster's 50 s).
+const HA: &[&str] = &["--leader-elect", "--node-lease-renew-seconds", "2"];
 const PODS: usize = 200;
 
 /// Waits until `/readyz` of `op` answers `ok: <role>`; returns how long that took.

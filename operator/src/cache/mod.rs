@@ -64,10 +64,16 @@ where
         &self.store
     }
 
-    /// Every object a watch event applies from now on (and all of them after each re-list), for
-    /// triggering a controller. A subscriber must be polled: a full buffer holds the watch back.
+    /// Every object in the cache now, then every object a watch event applies from now on (and
+    /// all of them after each re-list), for triggering a controller. The snapshot matters to a
+    /// controller that starts after the cache has synced (a standby that became leader): without
+    /// it, objects that do not change again would never be reconciled. An object may come twice;
+    /// reconcilers are idempotent. A subscriber must be polled: a full buffer holds the watch back.
     pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
-        self.fanout.subscribe()
+        // Register first, then take the snapshot: an object applied in between comes twice, never
+        // not at all.
+        let live = self.fanout.subscribe();
+        futures::stream::iter(self.store.state()).chain(live)
     }
 
     /// Whether the first list has completed.
@@ -303,5 +309,42 @@ mod tests {
                 .readiness(Instant::now() + Duration::from_secs(40))
                 .is_empty()
         );
+    }
+
+    fn config_map(name: &str) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("default".into());
+        cm
+    }
+
+    async fn next_name(s: &mut (impl Stream<Item = Arc<ConfigMap>> + Unpin)) -> String {
+        let o = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("an object within 5 s")
+            .expect("the stream goes on");
+        o.metadata.name.clone().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_joins_after_the_sync_gets_what_the_cache_holds_then_what_changes() {
+        let mut writer: Writer<ConfigMap> = Writer::default();
+        let (cache, fanout, _synced) = Cache::feeding(&writer);
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(config_map("a")),
+            watcher::Event::InitApply(config_map("b")),
+            watcher::Event::InitDone,
+        ] {
+            apply(&mut writer, &fanout, &event).await;
+        }
+        // A controller started now (a standby that just became leader) sees both objects
+        // although neither changes again.
+        let mut late = Box::pin(cache.subscribe());
+        let mut first = vec![next_name(&mut late).await, next_name(&mut late).await];
+        first.sort();
+        assert_eq!(first, ["a", "b"]);
+        apply(&mut writer, &fanout, &watcher::Event::Apply(config_map("c"))).await;
+        assert_eq!(next_name(&mut late).await, "c");
     }
 }
