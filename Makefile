@@ -91,6 +91,10 @@ bench-scale: control-plane ## the operator alone with 10,000 pods over 10 sites 
 	OFFLOAD_E2E_TEST_TIMEOUT=7200 OFFLOAD_E2E_CLUSTER="$$dir" \
 	  $(CARGO) test --release -p offload-e2e --test compare -- --ignored --nocapture --test-threads=1 operator_at_scale
 
+image: ## the operator image as an OCI archive in the cache folder, without a Docker daemon (release build; ADR 0010)
+	$(CARGO) build --release --locked -p offload-operator
+	@$(E2E_BIN)/build-image >/dev/null
+
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
 	@$(E2E_BIN)/cluster-up
 

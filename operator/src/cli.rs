@@ -165,15 +165,28 @@ pub async fn main(cli: Cli) -> ExitCode {
             site_selector,
             json,
         } => explain(cli.kubeconfig, file, pod, site_selector, json).await,
-        Command::Crds { reference: true, .. } => {
-            print!("{}", crate::crd::reference::markdown());
-            ExitCode::SUCCESS
-        }
+        Command::Crds { reference: true, .. } => emit(&crate::crd::reference::markdown()),
         Command::Crds { out_dir, .. } => print_crds(out_dir.as_deref()),
     }
 }
 
+/// Writes `text` to stdout. A reader that went away (`| head`) ends the output quietly; other
+/// write errors fail the command (the `print!` macros would panic on both).
+fn emit(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("offload-operator: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn print_crds(out_dir: Option<&std::path::Path>) -> ExitCode {
+    let mut all = String::new();
     for crd in crate::crd::crds() {
         let yaml = match crate::crd::to_yaml(&crd) {
             Ok(y) => y,
@@ -190,10 +203,13 @@ fn print_crds(out_dir: Option<&std::path::Path>) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            None => print!("---\n{yaml}"),
+            None => {
+                all.push_str("---\n");
+                all.push_str(&yaml);
+            }
         }
     }
-    ExitCode::SUCCESS
+    emit(&all)
 }
 
 async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
@@ -319,36 +335,48 @@ async fn explain(
         Err(e) => return fail(e),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&decision).unwrap_or_default());
-        return ExitCode::SUCCESS;
+        return emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&decision).unwrap_or_default()
+        ));
     }
-    println!("policy: {}", decision.policy);
-    match &decision.chosen {
-        Some(site) => println!("chosen: {site}"),
-        None => println!("chosen: none (the pod would stay Pending)"),
-    }
+    emit(&explanation(&decision))
+}
+
+/// The human form of `explain`'s answer.
+fn explanation(decision: &crate::placement::Decision) -> String {
+    use std::fmt::Write;
+    // Writing to a String cannot fail.
+    let mut out = String::new();
+    let _ = writeln!(out, "policy: {}", decision.policy);
+    let _ = match &decision.chosen {
+        Some(site) => writeln!(out, "chosen: {site}"),
+        None => writeln!(out, "chosen: none (the pod would stay Pending)"),
+    };
     for (resource, model) in &decision.gpu_models {
-        println!("gpu model: {model} ({resource})");
+        let _ = writeln!(out, "gpu model: {model} ({resource})");
     }
     if !decision.ranking.is_empty() {
-        println!(
+        let _ = writeln!(
+            out,
             "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
             "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU", "WAIT(s)"
         );
         for r in &decision.ranking {
-            println!(
+            let _ = writeln!(
+                out,
                 "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
                 r.site, r.score, r.queue, r.cost, r.free_capacity, r.gpu_fit, r.expected_wait_seconds
             );
         }
     }
     if !decision.rejected.is_empty() {
-        println!("\nrejected:");
+        let _ = writeln!(out, "\nrejected:");
         for (site, reason) in &decision.rejected {
-            println!("  {site}: {reason}");
+            let _ = writeln!(out, "  {site}: {reason}");
         }
     }
-    ExitCode::SUCCESS
+    out
 }
 
 /// Prints the API server's version and whether the identity may list Nodes (the operator needs to).

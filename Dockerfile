@@ -1,0 +1,24 @@
+# The offload-operator image, for machines with a container engine and registry access.
+#
+# `make image` builds the same filesystem without a Docker daemon or any registry (ADR 0010):
+# the release binary, the C runtime it links (glibc, libgcc), CA certificates and a non-root user,
+# nothing else: no shell, no package manager. Keep the two in step.
+#
+#   docker build -t offload-operator:0.1.0 .
+
+# Build on the same Debian release the runtime's libraries come from (glibc 2.36).
+FROM docker.io/library/rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY operator operator
+COPY e2e e2e
+RUN cargo build --release --locked -p offload-operator \
+ && strip target/release/offload-operator
+
+# distroless/cc: glibc, libgcc, CA certificates, /etc/passwd with `nonroot` (65532), no shell.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/offload-operator /usr/bin/offload-operator
+ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+USER 65532:65532
+ENTRYPOINT ["/usr/bin/offload-operator"]
+CMD ["run"]
