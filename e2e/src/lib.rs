@@ -10,6 +10,7 @@
 #![allow(clippy::panic)]
 
 pub mod bench;
+pub mod burst;
 pub mod cluster;
 pub mod fixtures;
 pub mod namespace;

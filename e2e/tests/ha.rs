@@ -6,10 +6,7 @@
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -18,11 +15,12 @@ use kube::{
     api::{ListParams, PostParams},
 };
 use offload_e2e::{
+    burst::{all_succeeded, burst, slow_site},
     fixtures::{pod_builder, site_builder, wait_site_ready},
     nodes::ZONE_LABEL,
     operator::{Operator, TEST_LABEL},
     scenario::Scenario,
-    sitesim::{SimConfig, SimHandle, exactly_once},
+    sitesim::{SimConfig, exactly_once},
     wait,
 };
 use serde_json::json;
@@ -59,71 +57,6 @@ async fn wait_scenario_role(s: &Scenario, role: &str) -> anyhow::Result<()> {
                 Ok(body) if body == want => Ok(Some(())),
                 Ok(body) => Err(body),
                 Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await
-}
-
-/// A site whose every answer takes 300 ms, so creates are in flight at any moment of the burst.
-async fn slow_site(s: &Scenario) -> anyhow::Result<(Arc<SimHandle>, String)> {
-    let sim = s
-        .sim(SimConfig {
-            simulate: true,
-            slots: 1000,
-            latency: Duration::from_millis(300),
-            ..SimConfig::default()
-        })
-        .await?;
-    let site = s.create_site(&site_builder("ha"), &sim.url).await?;
-    wait_site_ready(&s.sites, &site).await?;
-    Ok((sim, site))
-}
-
-/// Creates `PODS` short pods on the site's node, one after another.
-///
-/// They tolerate a silent Node for 60 s. The test cluster's node-monitor grace period is 8 s and
-/// its default toleration 2 s (E2E_FAST_NODE_LIFECYCLE), so a 15 s takeover would have every pod
-/// evicted; a production cluster's 50 s grace period and 300 s default leave a 15 s takeover far
-/// inside, and 60 s keeps that relation here.
-async fn burst(s: &Scenario, site: &str) -> anyhow::Result<()> {
-    let tolerate =
-        |key: &str| json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60});
-    let tolerations = json!({"tolerations": [
-        tolerate("node.kubernetes.io/unreachable"),
-        tolerate("node.kubernetes.io/not-ready"),
-    ]});
-    for i in 0..PODS {
-        let p = pod_builder(&format!("burst-{i}"))
-            .on_node(site)
-            .script("")
-            .runs_for(2)
-            .merge_spec(tolerations.clone())
-            .build()?;
-        s.pods.create(&PostParams::default(), &p).await?;
-    }
-    Ok(())
-}
-
-async fn all_succeeded(s: &Scenario) -> anyhow::Result<()> {
-    wait::until(
-        &format!("{PODS} succeeded pods"),
-        Duration::from_secs(300),
-        || async {
-            let l = s
-                .pods
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = l
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-                .count();
-            if done == PODS {
-                Ok(Some(()))
-            } else {
-                Err(format!("{done}/{PODS} succeeded"))
             }
         },
     )
@@ -170,7 +103,7 @@ async fn a_standby_takes_over_from_a_killed_leader() {
             s.stop_operator().await;
             (Instant::now(), seen())
         };
-        let (made, (killed_at, at_kill)) = tokio::join!(burst(&s, &site), kill);
+        let (made, (killed_at, at_kill)) = tokio::join!(burst(&s, &site, PODS), kill);
         made?;
         ensure!(
             at_kill < PODS,
@@ -188,7 +121,7 @@ async fn a_standby_takes_over_from_a_killed_leader() {
             "the lease still names {holder:?}"
         );
         ensure!(transitions == 1, "{transitions} lease transitions, expected 1");
-        all_succeeded(&s).await?;
+        all_succeeded(&s, PODS).await?;
         exactly_once(&[sim.stats()], PODS)?;
         ensure!(
             metric(&standby, "offload_leader").await? == 1.0,
@@ -239,7 +172,7 @@ async fn a_rolling_upgrade_hands_over_in_seconds_without_losing_a_pod() {
             s.start_operator().await?;
             Ok::<_, anyhow::Error>((new, at, drained, handover))
         };
-        let (made, upgraded) = tokio::join!(burst(&s, &site), upgrade);
+        let (made, upgraded) = tokio::join!(burst(&s, &site, PODS), upgrade);
         made?;
         let (mut new_leader, at, drained, handover) = upgraded?;
         eprintln!(
@@ -249,7 +182,7 @@ async fn a_rolling_upgrade_hands_over_in_seconds_without_losing_a_pod() {
         );
         ensure!(at < PODS, "every pod was created before the handover: it would prove nothing");
         wait_scenario_role(&s, "standby").await?;
-        all_succeeded(&s).await?;
+        all_succeeded(&s, PODS).await?;
         exactly_once(&[sim.stats()], PODS)?;
         ensure!(new_leader.terminate(Duration::from_secs(30)).await, "the new leader ignored SIGTERM");
         // Released: the last replica (the scenario's) takes over for the cleanup.

@@ -181,7 +181,7 @@ async fn one_status_request_carries_many_pods_and_large_sets_are_chunked() {
         3,
         "50 + 50 + 20"
     );
-    assert!(c.status(&[]).await.expect("nothing to ask").is_empty());
+    assert!(c.status::<Pod>(&[]).await.expect("nothing to ask").is_empty());
     assert_eq!(c.status_all().await.expect("whole cache").len(), 120);
 }
 

@@ -2,7 +2,8 @@
 //! scenario: one reachable and one unreachable site, two pods placed and running, one pod no site
 //! fits, then a RemoteJob. Site-up, pods-by-phase, placement, RemoteJob and process values are
 //! asserted through Prometheus's HTTP API;
-//! every scraped metric is one `docs/metrics.md` lists, and no series carries a per-object label.
+//! every scraped metric is one `docs/metrics.md` lists, and no series carries a per-object label;
+//! every query of the Grafana dashboard parses and returns a series.
 
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -56,6 +57,48 @@ fn documented() -> anyhow::Result<Vec<(String, String)>> {
                 .then(|| (name.to_string(), kind.to_string()))
         })
         .collect())
+}
+
+/// `(panel title, PromQL)` of the Grafana dashboard, its template variables first, as Grafana sends
+/// them with "All" selected: `$job` and `$site` their `allValue`, `$__rate_interval` a window that
+/// covers the scenario. A variable's `label_values(m, l)` becomes `count by (l) (m)`.
+fn dashboard_queries() -> anyhow::Result<Vec<(String, String)>> {
+    let path = repo_root().join("helm/offload-operator/files/dashboard.json");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut out = Vec::new();
+    let vars = d["templating"]["list"].as_array().context("templating.list")?;
+    // Sites first: the test reads its answer.
+    for v in vars.iter().rev().filter(|v| v["type"] == "query") {
+        let q = v["definition"].as_str().context("definition")?;
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .with_context(|| format!("variable query {q}"))?;
+        let (metric, label) = inner.rsplit_once(',').context("label_values(metric, label)")?;
+        out.push((
+            format!("variable {}", v["name"]),
+            format!("count by ({}) ({})", label.trim(), metric.trim()),
+        ));
+    }
+    fn panels(p: &Value, out: &mut Vec<(String, String)>) {
+        for panel in p.as_array().into_iter().flatten() {
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(e) = t["expr"].as_str() {
+                    out.push((panel["title"].as_str().unwrap_or("?").to_string(), e.to_string()));
+                }
+            }
+            panels(&panel["panels"], out);
+        }
+    }
+    panels(&d["panels"], &mut out);
+    for (title, q) in &mut out {
+        *q = q
+            .replace("$__rate_interval", "5m")
+            .replace("$job", ".+")
+            .replace("$site", ".*");
+        ensure!(!q.contains('$'), "{title}: a variable the test does not set: {q}");
+    }
+    Ok(out)
 }
 
 #[tokio::test]
@@ -187,6 +230,32 @@ async fn prometheus_scrapes_site_pod_and_placement_metrics() {
                 .await?;
             prom.wait_value("time() - process_start_time_seconds", |v| v > 0.0 && v < 600.0)
                 .await?;
+
+            // The dashboard: every query parses, and on this scenario (which exercises every
+            // panel) returns a series.
+            let queries = dashboard_queries()?;
+            ensure!(queries.len() >= 25, "too few dashboard queries: {queries:?}");
+            let mut empty = Vec::new();
+            for (title, promql) in &queries {
+                let r = prom
+                    .query(promql)
+                    .await
+                    .with_context(|| format!("dashboard panel {title:?}"))?;
+                if r.is_empty() {
+                    empty.push(format!("{title}: {promql}"));
+                }
+            }
+            ensure!(
+                empty.is_empty(),
+                "dashboard queries without a series on this scenario:\n{}",
+                empty.join("\n")
+            );
+            let sites = prom.query(&queries[0].1).await?;
+            let sites: BTreeSet<_> = sites.iter().filter_map(|s| s.labels.get("site")).collect();
+            ensure!(
+                sites.contains(&up) && sites.contains(&down),
+                "the dashboard's site variable offers {sites:?}"
+            );
             jobs.delete("job", &DeleteParams::default()).await?;
 
             // Everything scraped is documented, and no series has a per-object label.

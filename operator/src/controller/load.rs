@@ -1,5 +1,7 @@
 //! What is running on a site's virtual Node: the pods bound there and what they request.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::{Api, Client, api::ListParams};
 
@@ -19,22 +21,28 @@ pub fn is_finished(pod: &Pod) -> bool {
 }
 
 /// Pods bound to `node` that have not finished.
-pub async fn active_pods(client: &Client, node: &str) -> Result<Vec<Pod>, kube::Error> {
+pub async fn active_pods(client: &Client, node: &str) -> Result<Vec<Arc<Pod>>, kube::Error> {
     let pods: Api<Pod> = Api::all(client.clone());
     let bound = pods
         .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
         .await?;
-    Ok(bound.items.into_iter().filter(|p| !is_finished(p)).collect())
+    Ok(bound
+        .items
+        .into_iter()
+        .filter(|p| !is_finished(p))
+        .map(Arc::new)
+        .collect())
 }
 
 /// Pods bound to `node` that have not finished, from the pod cache (no API call: for loops that
 /// run every second).
-pub fn active_pods_cached(store: &kube::runtime::reflector::Store<Pod>, node: &str) -> Vec<Pod> {
+pub fn active_pods_cached(store: &kube::runtime::reflector::Store<Pod>, node: &str) -> Vec<Arc<Pod>> {
+    // Shared with the cache, not copied: this runs per site on every sync, probe and scheduling
+    // round, and a deep copy of 1,000 pods costs more than the rest of the work.
     store
         .state()
-        .iter()
+        .into_iter()
         .filter(|p| bound_to(p, node) && !is_finished(p))
-        .map(|p| Pod::clone(p))
         .collect()
 }
 
@@ -46,7 +54,7 @@ pub fn bound_to(pod: &Pod, node: &str) -> bool {
 /// How long, in seconds, the longest-waiting pod a site accepted has gone without starting: from
 /// its `offload.dev/create-sent` time to `now` (0 when every accepted pod has started). A site
 /// whose pods never start (a black hole) shows a value that grows without bound.
-pub fn longest_unstarted(pods: &[Pod], now: jiff::Timestamp) -> i64 {
+pub fn longest_unstarted(pods: &[Arc<Pod>], now: jiff::Timestamp) -> i64 {
     use kube::ResourceExt;
 
     use crate::crd::{ANNOTATION_CREATE_SENT, ANNOTATION_REMOTE_ID};
@@ -98,8 +106,8 @@ pub fn requests(pod: &Pod) -> Resources {
 }
 
 /// The summed requests of `pods`.
-pub fn total(pods: &[Pod]) -> Resources {
-    let each: Vec<Resources> = pods.iter().map(requests).collect();
+pub fn total(pods: &[Arc<Pod>]) -> Resources {
+    let each: Vec<Resources> = pods.iter().map(|p| requests(p)).collect();
     Resources::sum(&each)
 }
 
@@ -119,6 +127,7 @@ mod tests {
         let r = requests(&pod);
         assert_eq!((r.cpu_milli, r.memory_bytes, r.pods), (4000, 2 << 30, 1));
         assert_eq!(r.gpus.get("nvidia.com/gpu"), Some(&1));
+        let pod = Arc::new(pod);
         let t = total(&[pod.clone(), pod]);
         assert_eq!((t.cpu_milli, t.pods), (8000, 2));
     }
@@ -144,7 +153,8 @@ mod tests {
             pod(Some("2026-12-03T10:05:00Z"), true, "Pending"),
             pod(Some("2026-12-03T09:00:00Z"), false, "Pending"),
             pod(None, true, "Pending"),
-        ];
+        ]
+        .map(Arc::new);
         // Only the second: the first runs, the third was never accepted, the fourth has no time.
         assert_eq!(longest_unstarted(&pods, now), 300);
         assert_eq!(longest_unstarted(&pods[..1], now), 0);

@@ -7,7 +7,7 @@
 //! This remembers, per pod, the status last written and the resource versions known to be older
 //! than it, so the sync compares with what the API server already has.
 
-use std::collections::HashMap;
+use std::{borrow::Cow, collections::HashMap};
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::ResourceExt;
@@ -32,20 +32,20 @@ impl WrittenStatuses {
     /// The pod as the API server has it: `cached` itself, or with the status this process last
     /// wrote when the cache still shows an older version. Forgets entries the cache has caught up
     /// with, or that another writer has since superseded.
-    pub fn current(&mut self, cached: &Pod) -> Pod {
+    pub fn current<'a>(&mut self, cached: &'a Pod) -> Cow<'a, Pod> {
         let uid = cached.uid().unwrap_or_default();
         let version = cached.resource_version().unwrap_or_default();
         match self.by_uid.get(&uid) {
             Some(w) if w.older.contains(&version) => {
                 let mut pod = cached.clone();
                 pod.status = w.status.clone();
-                pod
+                Cow::Owned(pod)
             }
             Some(_) => {
                 self.by_uid.remove(&uid);
-                cached.clone()
+                Cow::Borrowed(cached)
             }
-            None => cached.clone(),
+            None => Cow::Borrowed(cached),
         }
     }
 

@@ -281,7 +281,7 @@ impl SiteClient {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Ok(statuses) = self.status_once(std::slice::from_ref(pod)).await
+            if let Ok(statuses) = self.status_once(&[pod]).await
                 && let Some(found) = statuses.into_iter().find(|s| s.uid == uid && s.is_known())
             {
                 return Some(found.jid);
@@ -308,10 +308,12 @@ impl SiteClient {
 
     /// Status of many pods: one request per `status_chunk` pods, each retried on transient
     /// failures. An empty list sends nothing (interLink would answer with its whole cache).
-    pub async fn status(&self, pods: &[Pod]) -> Result<Vec<PodStatus>, Error> {
+    pub async fn status<P: std::borrow::Borrow<Pod>>(&self, pods: &[P]) -> Result<Vec<PodStatus>, Error> {
         let mut out = Vec::new();
         for chunk in pods.chunks(self.status_chunk) {
-            out.extend(self.with_retry(|| self.status_once(chunk)).await?);
+            // References, so callers holding `Arc<Pod>`s from a cache need not copy the pods.
+            let chunk: Vec<&Pod> = chunk.iter().map(|p| p.borrow()).collect();
+            out.extend(self.with_retry(|| self.status_once(&chunk)).await?);
         }
         Ok(out)
     }
@@ -321,7 +323,7 @@ impl SiteClient {
         self.with_retry(|| self.status_once(&[])).await
     }
 
-    async fn status_once(&self, pods: &[Pod]) -> Result<Vec<PodStatus>, Error> {
+    async fn status_once(&self, pods: &[&Pod]) -> Result<Vec<PodStatus>, Error> {
         // POST rather than the Go VK's GET-with-body: the API server accepts any method, and POST
         // bodies survive proxies and ingresses that drop GET bodies.
         let resp = self

@@ -159,7 +159,7 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
     let name = site.name_any();
     // From the watch cache, not a list per sync: this runs every interval for every site, and a
     // pod a moment stale is corrected at the next sync.
-    let active: Vec<Pod> = {
+    let active: Vec<Arc<Pod>> = {
         let unrecorded = ctx.unrecorded();
         load::active_pods_cached(ctx.shared.pods.store(), &node_name(&name))
             .into_iter()
@@ -231,13 +231,25 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
 
 /// Writes the status of every pod whose site answer changed it; fails pods the site has lost.
 /// Returns how many pods were written.
-async fn apply_answers(ctx: &Ctx, name: &str, active: &[Pod], statuses: &[PodStatus], now: &Time) -> usize {
+async fn apply_answers(
+    ctx: &Ctx,
+    name: &str,
+    active: &[Arc<Pod>],
+    statuses: &[PodStatus],
+    now: &Time,
+) -> usize {
     let mut patched = 0usize;
+    // By UID: one lookup per pod, not a scan of the answers.
+    let known: HashMap<&str, &PodStatus> = statuses
+        .iter()
+        .filter(|s| s.is_known())
+        .map(|s| (s.uid.as_str(), s))
+        .collect();
     for pod in active {
         let uid = pod.uid().unwrap_or_default();
         // An entry the site answers with for a pod it does not know (no job id, no state) is as
         // good as none.
-        let Some(remote) = statuses.iter().find(|s| s.uid == uid && s.is_known()) else {
+        let Some(&remote) = known.get(uid.as_str()) else {
             let lost = {
                 let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
                 let entry = missing

@@ -107,7 +107,7 @@ async fn cycle(ctx: &Context, state: &mut State) {
         .iter()
         .map(|site| {
             let node = node_name(&site.name_any());
-            let active: Vec<Pod> = load::active_pods_cached(ctx.pods.store(), &node);
+            let active = load::active_pods_cached(ctx.pods.store(), &node);
             let allocatable = ctx
                 .nodes
                 .store()

@@ -1,7 +1,10 @@
 //! Sites as the placement engine sees them, built from the caches (pure: the caller passes the
 //! site, its Node's allocatable, its pods and the time).
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::api::resource::Quantity};
 use kube::ResourceExt;
@@ -31,7 +34,7 @@ pub struct Assumed {
 pub fn site(
     site: &OffloadSite,
     allocatable: Option<&BTreeMap<String, Quantity>>,
-    active: &[Pod],
+    active: &[Arc<Pod>],
     now: jiff::Timestamp,
 ) -> SiteSnapshot {
     let cap = allocatable.map(Resources::from_quantities).unwrap_or_default();
@@ -115,7 +118,7 @@ pub fn reserve_assumed(snapshots: &mut [SiteSnapshot], assumed: &HashMap<String,
 }
 
 /// GPUs of `resource` that the `pods` use of `model`, as their placement recorded it.
-fn used_by_model(pods: &[Pod], resource: &str, model: &str) -> i64 {
+fn used_by_model(pods: &[Arc<Pod>], resource: &str, model: &str) -> i64 {
     pods.iter()
         .filter(|p| {
             placement_of(p).is_some_and(|d| d.gpu_models.get(resource).map(String::as_str) == Some(model))
@@ -146,7 +149,7 @@ pub fn settle_assumed(assumed: &mut HashMap<String, Assumed>, cached: &HashMap<S
 
 /// Pods by the policy that placed them, from their placement annotation (pods bound some other
 /// way, e.g. interLink-style by kube-scheduler, count for no policy).
-pub fn pods_by_policy(pods: &[Pod]) -> BTreeMap<String, i64> {
+pub fn pods_by_policy(pods: &[Arc<Pod>]) -> BTreeMap<String, i64> {
     let mut out = BTreeMap::new();
     for p in pods {
         if let Some(placed) = placement_of(p).filter(|d| !d.policy.is_empty()) {
@@ -194,7 +197,7 @@ mod tests {
         let s = site(
             &site_obj(),
             Some(&alloc()),
-            &[pod("a", "2", "Running"), pod("b", "1", "Pending")],
+            &[pod("a", "2", "Running"), pod("b", "1", "Pending")].map(Arc::new),
             now,
         );
         assert!(s.ready);
@@ -250,7 +253,7 @@ mod tests {
         let snap = site(
             &s,
             Some(&alloc),
-            &[gpu_pod("a", "A100"), gpu_pod("b", "A100"), gpu_pod("c", "T4")],
+            &[gpu_pod("a", "A100"), gpu_pod("b", "A100"), gpu_pod("c", "T4")].map(Arc::new),
             now,
         );
         let free: Vec<(&str, i64)> = snap.gpus.iter().map(|g| (g.model.as_str(), g.free)).collect();

@@ -1,7 +1,7 @@
 //! The pure half of reporting a site: its status from what was observed, whether that needs a
 //! write, and the Events its transitions call for (no I/O, no clock: `now` comes in).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::Pod,
@@ -31,7 +31,7 @@ pub struct Observed<'a> {
     /// Capacity keys neither declared nor reported (assumed defaults).
     pub assumed: &'a [&'static str],
     /// Pods bound to the site's Node that have not finished.
-    pub active: &'a [Pod],
+    pub active: &'a [Arc<Pod>],
     /// The observed create-to-running average (the registry's, else the persisted one).
     pub observed_wait: Option<i64>,
     /// The site's Node.
