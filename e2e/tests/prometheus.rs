@@ -237,11 +237,22 @@ async fn prometheus_scrapes_site_pod_and_placement_metrics() {
             ensure!(queries.len() >= 25, "too few dashboard queries: {queries:?}");
             let mut empty = Vec::new();
             for (title, promql) in &queries {
-                let r = prom
-                    .query(promql)
-                    .await
-                    .with_context(|| format!("dashboard panel {title:?}"))?;
-                if r.is_empty() {
+                // A rate needs two samples of a series: one that appeared a moment ago (the
+                // RemoteJob's) has one until the next scrape, 1 s later.
+                let answered = wait::until(title, Duration::from_secs(10), || async {
+                    let r = prom
+                        .query(promql)
+                        .await
+                        .with_context(|| format!("dashboard panel {title:?}"))
+                        .map_err(|e| format!("{e:#}"))?;
+                    Ok::<_, String>((!r.is_empty()).then_some(()))
+                })
+                .await;
+                if answered.is_err() {
+                    // A query Prometheus refuses is an error at once, not a missing series.
+                    prom.query(promql)
+                        .await
+                        .with_context(|| format!("dashboard panel {title:?}"))?;
                     empty.push(format!("{title}: {promql}"));
                 }
             }

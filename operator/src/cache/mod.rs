@@ -6,6 +6,7 @@
 //! narrowed watches ([`pods`]).
 
 pub mod pods;
+pub mod retry;
 
 use std::{
     fmt::Debug,
@@ -172,8 +173,9 @@ where
     }
 }
 
-/// The watch of `api` with `cfg`, retried with kube's default backoff, without managed fields
-/// (nothing reads them from a cache; they are often half an object's size).
+/// The watch of `api` with `cfg`, retried with [`retry::with_backoff`] (a relist at once after
+/// `410 Gone`), without managed fields (nothing reads them from a cache; they are often half an
+/// object's size).
 pub(crate) fn stripped_watch<K>(
     api: Api<K>,
     cfg: watcher::Config,
@@ -181,12 +183,12 @@ pub(crate) fn stripped_watch<K>(
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    watcher(api, cfg).default_backoff().modify(|o| {
+    retry::with_backoff(watcher(api, cfg).modify(|o| {
         o.meta_mut().managed_fields = None;
-    })
+    }))
 }
 
-/// Starts the watch of `api` with `cfg` (retried with kube's default backoff) into a new cache,
+/// Starts the watch of `api` with `cfg` (retried as [`retry`] says) into a new cache,
 /// reported to `health` as the watch `kind`. `wake` is notified after every event (the
 /// scheduler's cycle trigger).
 pub fn spawn<K>(
