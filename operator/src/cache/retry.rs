@@ -4,9 +4,11 @@
 //! restart, every watch first fails to connect (the backoff grows while the server is down),
 //! then, once it is back, asks for a resource version the new server no longer has and gets
 //! `410 Gone`. The watcher relists after a 410, but the backoff delays that relist by up to
-//! another 30 s, and the caches stay stale for most of a minute. client-go's reflector relists at
-//! once after a 410. So do we: a 410 is a cue to relist now; other errors back off, capped at
-//! [`MAX`] so a recovered API server is seen within seconds.
+//! another 30 s, and the caches stay stale for most of a minute. Here a 410 is a cue to relist
+//! now (the relist is one list request, and a real API server answers it); other errors back
+//! off, capped at [`MAX`] so a recovered API server is seen within seconds. A server that
+//! answered 410 to every watch right after a successful list would be relisted without a pause:
+//! no real API server does that, as a fresh list's resource version is the newest it has.
 
 use std::time::Duration;
 
