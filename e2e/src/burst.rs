@@ -79,26 +79,31 @@ async fn create_retrying(pods: &Api<Pod>, p: &Pod) -> anyhow::Result<()> {
     }
 }
 
+/// How many of the pods in `pods`' namespace are in `phase`, and how many there are.
+pub async fn in_phase(pods: &Api<Pod>, phase: &str) -> Result<(usize, usize), String> {
+    let l = pods
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let n = l
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase))
+        .count();
+    Ok((n, l.items.len()))
+}
+
 /// Waits up to 300 s until the namespace holds exactly `n` pods, all `Succeeded`.
 pub async fn all_succeeded(s: &Scenario, n: usize) -> anyhow::Result<()> {
     wait::until(
         &format!("{n} succeeded pods"),
         Duration::from_secs(300),
         || async {
-            let l = s
-                .pods
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = l
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-                .count();
-            if done == n && l.items.len() == n {
+            let (done, all) = in_phase(&s.pods, "Succeeded").await?;
+            if done == n && all == n {
                 Ok(Some(()))
             } else {
-                Err(format!("{done}/{n} succeeded, {} pods", l.items.len()))
+                Err(format!("{done}/{n} succeeded, {all} pods"))
             }
         },
     )

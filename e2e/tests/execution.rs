@@ -325,16 +325,7 @@ async fn a_killed_operator_resumes_without_duplicates() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         s.start_operator().await?;
         wait::until("100 succeeded pods", Duration::from_secs(240), || async {
-            let l = s
-                .pods
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = l
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-                .count();
+            let (done, _) = offload_e2e::burst::in_phase(&s.pods, "Succeeded").await?;
             if done == 100 {
                 Ok(Some(()))
             } else {

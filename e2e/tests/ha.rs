@@ -246,16 +246,7 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
                 let control = pod_builder("no-tolerations").on_node(&site).build()?;
                 s.pods.create(&PostParams::default(), &control).await?;
                 wait::until("21 running pods", Duration::from_secs(120), || async {
-                    let l = s
-                        .pods
-                        .list(&ListParams::default())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let running = l
-                        .items
-                        .iter()
-                        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                        .count();
+                    let (running, _) = offload_e2e::burst::in_phase(&s.pods, "Running").await?;
                     if running == JOBS + 1 {
                         Ok(Some(()))
                     } else {
