@@ -13,11 +13,13 @@ pub mod bench;
 pub mod burst;
 pub mod cluster;
 pub mod fixtures;
+pub mod helm;
 pub mod namespace;
 pub mod nodes;
 pub mod operator;
 pub mod pki;
 pub mod prometheus;
+pub mod real_node;
 pub mod scenario;
 pub mod wait;
 

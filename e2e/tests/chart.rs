@@ -10,8 +10,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -33,29 +31,10 @@ use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The Helm binary (built on first use by `e2e/bin/build-helm`).
-fn helm() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = repo_root().join("e2e/bin/build-helm");
-        let out = std::process::Command::new(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        match (out.status.success(), text.lines().last()) {
-            (true, Some(dir)) => Ok(PathBuf::from(dir.trim()).join("helm")),
-            _ => Err(format!("{} failed ({})", script.display(), out.status)),
-        }
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
-}
-
 /// Renders the chart's ServiceAccount and RBAC for a release in `namespace` whose objects are all
 /// named `name` (unique per test, so tests running in parallel do not share ClusterRoles).
 fn render_rbac(cluster: &Cluster, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
-    let out = std::process::Command::new(helm()?)
+    let out = std::process::Command::new(offload_e2e::helm::binary()?)
         .args(["template", name])
         .arg(repo_root().join("helm/offload-operator"))
         .args([
