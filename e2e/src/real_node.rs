@@ -60,7 +60,8 @@ impl RealNode {
     fn from_dir(cluster_dir: &Path) -> anyhow::Result<RealNode> {
         let dir = cluster_dir.join("node");
         let env_file = dir.join("env");
-        let text = std::fs::read_to_string(&env_file).with_context(|| format!("reading {}", env_file.display()))?;
+        let text =
+            std::fs::read_to_string(&env_file).with_context(|| format!("reading {}", env_file.display()))?;
         let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
         let get = |k: &str| {
             vars.get(k)
@@ -83,7 +84,10 @@ impl RealNode {
     /// Imports an OCI archive into the node's containerd (the `k8s.io` namespace the kubelet uses),
     /// as an air-gapped node loads an image: nothing is pulled from a registry here.
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
-        let (ctr, args) = self.ctr.split_first().context("no ctr command in the node's env")?;
+        let (ctr, args) = self
+            .ctr
+            .split_first()
+            .context("no ctr command in the node's env")?;
         let out = Command::new(ctr)
             .args(args)
             .args(["images", "import", "--local"])

@@ -31,7 +31,7 @@ use kube::{
 use offload_e2e::{
     TestNamespace,
     cluster::repo_root,
-    fixtures::{delete_sites, policy_builder, pod_builder, site_builder, wait_phase, wait_site_ready},
+    fixtures::{delete_sites, pod_builder, policy_builder, site_builder, wait_phase, wait_site_ready},
     helm,
     operator::http_get,
     real_node::{RealNode, operator_image_archive},
@@ -109,8 +109,21 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
     let values = values.to_string_lossy().into_owned();
 
     // Install: helm waits for the Deployment; both replicas must be Ready by their own probes.
+    helm::binary()?; // built (once) before the clock starts
     let started = std::time::Instant::now();
-    helm_cmd(t, &["install", RELEASE, &chart(), "-f", &values, "--wait", "--timeout", "180s"])?;
+    helm_cmd(
+        t,
+        &[
+            "install",
+            RELEASE,
+            &chart(),
+            "-f",
+            &values,
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    )?;
     let first = replicas(t, node, None).await?;
     eprintln!(
         "helm install: both replicas Ready on {} after {:.1}s: {first:?}",
@@ -128,7 +141,10 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
         .and_then(|s| s.cluster_ip)
         .context("the Service has no ClusterIP")?;
     let (code, body) = http_get(&format!("http://{ip}:8080/metrics")).await?;
-    ensure!(code == 200 && body.contains("offload_leader "), "metrics via the Service {ip}: HTTP {code}");
+    ensure!(
+        code == 200 && body.contains("offload_leader "),
+        "metrics via the Service {ip}: HTTP {code}"
+    );
 
     // A site on the host (the node's bridge address: a pod cannot reach the host's loopback).
     let sim = SimHandle::start(SimConfig {
@@ -143,8 +159,12 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
     let policies: Api<OffloadPolicy> = Api::all(t.client.clone());
     let site = format!("{}-site", t.name);
     let policy = format!("{}-policy", t.name);
-    sites.create(&pp, &site_builder("site").build(&t.name, &site, &sim.url)?).await?;
-    policies.create(&pp, &policy_builder("policy").build(&t.name, &policy)?).await?;
+    sites
+        .create(&pp, &site_builder("site").build(&t.name, &site, &sim.url)?)
+        .await?;
+    policies
+        .create(&pp, &policy_builder("policy").build(&t.name, &policy)?)
+        .await?;
     let result = offload_through_an_upgrade(t, node, &sim, &site, &policy, &leader, &values).await;
     let cleanup = delete_sites(t, &sites, &[&site]).await;
     let _ = policies.delete(&policy, &DeleteParams::default()).await;
@@ -173,13 +193,25 @@ async fn offload_through_an_upgrade(
     offload(&pods, policy, "before-upgrade").await?;
 
     // An upgrade to changed values rolls both replicas (maxSurge 1, maxUnavailable 0).
-    let before: BTreeSet<String> = replicas(t, node, None).await?.into_iter().map(|r| r.name).collect();
+    let before: BTreeSet<String> = replicas(t, node, None)
+        .await?
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
     let started = std::time::Instant::now();
     helm_cmd(
         t,
         &[
-            "upgrade", RELEASE, &chart(), "-f", values, "--set", "operator.logFilter=info\\,offload_operator=debug",
-            "--wait", "--timeout", "180s",
+            "upgrade",
+            RELEASE,
+            &chart(),
+            "-f",
+            values,
+            "--set",
+            "operator.logFilter=info\\,offload_operator=debug",
+            "--wait",
+            "--timeout",
+            "180s",
         ],
     )?;
     let after = replicas(t, node, Some(&before)).await?;
@@ -191,16 +223,18 @@ async fn offload_through_an_upgrade(
     // The new leader writes its own address into the virtual Node: logs follow it.
     wait_kubelet_address(t, &virtual_node, &leader.ip).await?;
     let deployments: Api<Deployment> = Api::namespaced(t.client.clone(), &t.name);
-    let args = deployments
+    let env = deployments
         .get(FULLNAME)
         .await?
         .spec
-        .and_then(|s| s.template.spec)
-        .map(|s| s.containers[0].env.clone().unwrap_or_default())
+        .template
+        .spec
+        .and_then(|s| s.containers.first().and_then(|c| c.env.clone()))
         .unwrap_or_default();
     ensure!(
-        args.iter().any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info,offload_operator=debug")),
-        "the upgrade's value is not in the Deployment: {args:?}"
+        env.iter()
+            .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("info,offload_operator=debug")),
+        "the upgrade's value is not in the Deployment: {env:?}"
     );
 
     offload(&pods, policy, "after-upgrade").await?;
@@ -224,10 +258,17 @@ async fn offload(pods: &Api<Pod>, policy: &str, name: &str) -> anyhow::Result<()
     pods.create(&PostParams::default(), &pod).await?;
     wait_phase(pods, name, "Succeeded", TIMEOUT).await?;
     let want = format!("offloaded {name} from a real operator pod");
-    let log = wait::until(&format!("kubectl logs {name}"), Duration::from_secs(30), || async {
-        let log = pods.logs(name, &LogParams::default()).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(log.contains(&want).then_some(log))
-    })
+    let log = wait::until(
+        &format!("kubectl logs {name}"),
+        Duration::from_secs(30),
+        || async {
+            let log = pods
+                .logs(name, &LogParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(log.contains(&want).then_some(log))
+        },
+    )
     .await?;
     eprintln!("kubectl logs {name}: {}", log.trim());
     Ok(())
@@ -241,26 +282,47 @@ struct Replica {
 
 /// The release's two operator pods once both are Ready on `node` (and, with `not`, none of them
 /// is in `not`: the rollout replaced them all). Ready means their readiness probe passed.
-async fn replicas(t: &TestNamespace, node: &RealNode, not: Option<&BTreeSet<String>>) -> anyhow::Result<Vec<Replica>> {
+async fn replicas(
+    t: &TestNamespace,
+    node: &RealNode,
+    not: Option<&BTreeSet<String>>,
+) -> anyhow::Result<Vec<Replica>> {
     let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
     wait::until("two Ready operator replicas", TIMEOUT, || async {
-        let list = pods.list(&ListParams::default().labels(INSTANCE)).await.map_err(|e| e.to_string())?;
-        let live: Vec<&Pod> = list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        let list = pods
+            .list(&ListParams::default().labels(INSTANCE))
+            .await
+            .map_err(|e| e.to_string())?;
+        let live: Vec<&Pod> = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
         let ready: Vec<Replica> = live
             .iter()
             .filter(|p| not.is_none_or(|n| !n.contains(&p.name_any())))
             .filter(|p| {
                 let st = p.status.clone().unwrap_or_default();
-                st.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                st.conditions
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
             })
             .filter_map(|p| {
                 let ip = p.status.as_ref()?.pod_ip.clone()?;
-                Some(Replica { name: p.name_any(), ip })
+                Some(Replica {
+                    name: p.name_any(),
+                    ip,
+                })
             })
             .collect();
         if ready.len() == 2 && live.len() == 2 {
             for p in &live {
-                let on = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+                let on = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
                 if on != node.name {
                     return Err(format!("{} runs on {on:?}, not {}", p.name_any(), node.name));
                 }
@@ -278,11 +340,20 @@ async fn one_leader(replicas: &[Replica]) -> anyhow::Result<Replica> {
     wait::until("one leader and one standby", Duration::from_secs(60), || async {
         let mut roles = Vec::new();
         for r in replicas {
-            let (code, body) = http_get(&format!("http://{}:8080/readyz", r.ip)).await.map_err(|e| e.to_string())?;
+            let (code, body) = http_get(&format!("http://{}:8080/readyz", r.ip))
+                .await
+                .map_err(|e| e.to_string())?;
             roles.push((r.clone(), code, body.trim().to_string()));
         }
-        let leaders: Vec<&Replica> = roles.iter().filter(|(_, c, b)| *c == 200 && b.contains("leader")).map(|(r, ..)| r).collect();
-        let standbys = roles.iter().filter(|(_, c, b)| *c == 200 && b.contains("standby")).count();
+        let leaders: Vec<&Replica> = roles
+            .iter()
+            .filter(|(_, c, b)| *c == 200 && b.contains("leader"))
+            .map(|(r, ..)| r)
+            .collect();
+        let standbys = roles
+            .iter()
+            .filter(|(_, c, b)| *c == 200 && b.contains("standby"))
+            .count();
         match (leaders.as_slice(), standbys) {
             ([leader], 1) => Ok(Some((*leader).clone())),
             _ => Err(format!("{roles:?}")),
@@ -297,7 +368,10 @@ async fn wait_kubelet_address(t: &TestNamespace, node: &str, ip: &str) -> anyhow
     wait::until(&format!("Node {node} at {ip}"), TIMEOUT, || async {
         let n = nodes.get(node).await.map_err(|e| e.to_string())?;
         let addresses = n.status.and_then(|s| s.addresses).unwrap_or_default();
-        if addresses.iter().any(|a| a.type_ == "InternalIP" && a.address == ip) {
+        if addresses
+            .iter()
+            .any(|a| a.type_ == "InternalIP" && a.address == ip)
+        {
             Ok(Some(()))
         } else {
             Err(format!("{addresses:?}"))
@@ -312,7 +386,11 @@ async fn uninstall_leaves_only_the_crds(t: &TestNamespace, site: &str) -> anyhow
     helm_cmd(t, &["uninstall", RELEASE, "--wait", "--timeout", "120s"])?;
     let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
     wait::until("the operator pods gone", TIMEOUT, || async {
-        let n = pods.list(&ListParams::default().labels(INSTANCE)).await?.items.len();
+        let n = pods
+            .list(&ListParams::default().labels(INSTANCE))
+            .await?
+            .items
+            .len();
         Ok::<_, kube::Error>((n == 0).then_some(()))
     })
     .await?;
@@ -325,28 +403,45 @@ async fn uninstall_leaves_only_the_crds(t: &TestNamespace, site: &str) -> anyhow
              clusterroles,clusterrolebindings,poddisruptionbudgets,networkpolicies,leases",
         )
         .output()?;
-    ensure!(out.status.success(), "kubectl get: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "kubectl get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
     ensure!(left.is_empty(), "left behind by helm uninstall:\n{left}");
     let leases: Api<Lease> = Api::namespaced(t.client.clone(), &t.name);
-    ensure!(leases.get_opt(FULLNAME).await?.is_none(), "the leader Lease is left behind");
+    ensure!(
+        leases.get_opt(FULLNAME).await?.is_none(),
+        "the leader Lease is left behind"
+    );
     let node = format!("offload-{site}");
     let nodes: Api<Node> = Api::all(t.client.clone());
-    ensure!(nodes.get_opt(&node).await?.is_none(), "the site's Node is left behind");
+    ensure!(
+        nodes.get_opt(&node).await?.is_none(),
+        "the site's Node is left behind"
+    );
     let node_leases: Api<Lease> = Api::namespaced(t.client.clone(), "kube-node-lease");
     wait::until("the site's node Lease gone", TIMEOUT, || async {
         Ok::<_, kube::Error>(node_leases.get_opt(&node).await?.is_none().then_some(()))
     })
     .await?;
     let crds: Api<CustomResourceDefinition> = Api::all(t.client.clone());
-    for crd in ["offloadsites.offload.dev", "offloadpolicies.offload.dev", "remotejobs.offload.dev"] {
+    for crd in [
+        "offloadsites.offload.dev",
+        "offloadpolicies.offload.dev",
+        "remotejobs.offload.dev",
+    ] {
         ensure!(crds.get_opt(crd).await?.is_some(), "helm uninstall removed {crd}");
     }
     Ok(())
 }
 
 fn chart() -> String {
-    repo_root().join("helm/offload-operator").to_string_lossy().into_owned()
+    repo_root()
+        .join("helm/offload-operator")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Runs helm against the test's namespace with the admin kubeconfig; fails with its output.
@@ -356,7 +451,11 @@ fn helm_cmd(t: &TestNamespace, args: &[&str]) -> anyhow::Result<String> {
         .args(["--namespace", &t.name])
         .args(args)
         .output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure!(out.status.success(), "helm {}: {text}", args.join(" "));
     Ok(text)
 }
@@ -369,12 +468,25 @@ fn operator_logs(t: &TestNamespace) -> String {
             .args(["-n", &t.name])
             .args(args)
             .output()
-            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
             .unwrap_or_else(|e| e.to_string())
     };
     format!(
         "----- operator pods -----\n{}\n----- operator logs -----\n{}",
         run(&["describe", "pods", "-l", INSTANCE]),
-        run(&["logs", "-l", INSTANCE, "--tail=60", "--prefix", "--all-containers"])
+        run(&[
+            "logs",
+            "-l",
+            INSTANCE,
+            "--tail=60",
+            "--prefix",
+            "--all-containers"
+        ])
     )
 }
