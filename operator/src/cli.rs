@@ -115,6 +115,18 @@ pub struct RunArgs {
     /// name, else the host name.
     #[arg(long, env = "POD_NAME")]
     pub leader_elect_identity: Option<String>,
+    /// Address of the pod-mutating admission webhook (HTTPS; on with `--webhook-tls-cert` and
+    /// `--webhook-tls-key`): pods annotated `offload.dev/offload: "true"` or
+    /// `offload.dev/policy`, or created in a namespace labelled `offload.dev/offload=enabled`,
+    /// are given the offload scheduler (ADR 0012).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    pub webhook_addr: std::net::SocketAddr,
+    /// Serving certificate (PEM) of the webhook, reloaded when the file changes.
+    #[arg(long, requires = "webhook_tls_key")]
+    pub webhook_tls_cert: Option<PathBuf>,
+    /// Key of the webhook's serving certificate.
+    #[arg(long, requires = "webhook_tls_cert")]
+    pub webhook_tls_key: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -247,6 +259,25 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         }
     };
     tracing::info!(%addr, namespace = %args.namespace, "offload-operator running; metrics on http://{addr}/metrics");
+    let webhook = match (&args.webhook_tls_cert, &args.webhook_tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::webhook::WebhookTls {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            match crate::webhook::serve(args.webhook_addr, &tls, metrics.clone()).await {
+                Ok((addr, task)) => {
+                    tracing::info!(%addr, "admission webhook on HTTPS");
+                    Some(task)
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, addr = %args.webhook_addr, "cannot start the admission webhook");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
     let kubelet_ip = args.kubelet_address.clone();
     let settings = controller::Settings {
         namespace: args.namespace,
@@ -256,6 +287,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         },
         site_selector: args.site_selector,
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
+        webhook: webhook.is_some(),
     };
     let ctx = controller::Context::start(client.clone(), settings, metrics, health);
     match (

@@ -18,6 +18,7 @@ pub mod placement;
 pub mod quantity;
 pub mod server;
 pub mod telemetry;
+pub mod webhook;
 
 /// Installs the one rustls crypto provider of the process (aws-lc-rs).
 ///

@@ -44,6 +44,12 @@ pub struct Metrics {
     pub leader: prometheus::IntGauge,
     /// Times this replica became the leader.
     pub leader_transitions: prometheus::IntCounter,
+    /// Admission reviews answered by the webhook, by route and result.
+    pub webhook_admissions: IntCounterVec,
+    /// Time to answer one admission review, by route.
+    pub webhook_duration: HistogramVec,
+    /// Pods that opted in but were created while the webhook could not answer (leader only).
+    pub webhook_missed: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -171,6 +177,28 @@ impl Metrics {
             "offload_leader_transitions_total",
             "Times this replica acquired the leader lease",
         )?;
+        let webhook_admissions = IntCounterVec::new(
+            Opts::new(
+                "offload_webhook_admissions_total",
+                "Pod admission reviews answered by the webhook, by route and result",
+            ),
+            &["route", "result"],
+        )?;
+        let webhook_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "offload_webhook_admission_duration_seconds",
+                "Time to answer one pod admission review",
+            )
+            .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5]),
+            &["route"],
+        )?;
+        let webhook_missed = prometheus::IntCounter::new(
+            "offload_webhook_missed_pods_total",
+            "Pods that opted in to offloading but were created while the webhook could not answer",
+        )?;
+        registry.register(Box::new(webhook_admissions.clone()))?;
+        registry.register(Box::new(webhook_duration.clone()))?;
+        registry.register(Box::new(webhook_missed.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(leader_transitions.clone()))?;
         registry.register(Box::new(remotejobs.clone()))?;
@@ -210,6 +238,9 @@ impl Metrics {
             remotejob_duration,
             leader,
             leader_transitions,
+            webhook_admissions,
+            webhook_duration,
+            webhook_missed,
         })
     }
 

@@ -27,6 +27,9 @@ pub struct Settings {
     /// How often node leases are renewed; must be well below kube-controller-manager's
     /// `--node-monitor-grace-period`.
     pub lease_renew: Duration,
+    /// Whether this operator serves the pod-mutating webhook: then the leader also reports pods
+    /// that opted in but were created while the webhook could not answer ([`super::missed`]).
+    pub webhook: bool,
 }
 
 /// What every controller shares: one client, one cache per kind (one watch each, the pod cache

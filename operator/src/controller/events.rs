@@ -37,6 +37,8 @@ pub enum Reason {
     OffloadLost,
     /// A service-account token sent to the site expires while the pod runs.
     TokenExpiring,
+    /// The pod opted in to offloading but was created while the webhook could not answer.
+    NotOffloaded,
     // RemoteJob
     /// An attempt pod could not be created.
     FailedCreate,
@@ -60,7 +62,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason (for docs and tests).
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::SiteReady,
         Reason::SiteUnreachable,
         Reason::CredentialsMissing,
@@ -74,6 +76,7 @@ impl Reason {
         Reason::OffloadCreateFailed,
         Reason::OffloadLost,
         Reason::TokenExpiring,
+        Reason::NotOffloaded,
         Reason::FailedCreate,
         Reason::AttemptCreated,
         Reason::AttemptSucceeded,
@@ -101,6 +104,7 @@ impl Reason {
             Reason::OffloadCreateFailed => "OffloadCreateFailed",
             Reason::OffloadLost => "OffloadLost",
             Reason::TokenExpiring => "TokenExpiring",
+            Reason::NotOffloaded => "NotOffloaded",
             Reason::FailedCreate => "FailedCreate",
             Reason::AttemptCreated => "AttemptCreated",
             Reason::AttemptSucceeded => "AttemptSucceeded",

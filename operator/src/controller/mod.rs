@@ -7,6 +7,7 @@
 //! | [`execution`] | pods bound to site Nodes | [`execution::decide`] |
 //! | [`scheduler`] | any cache change, every few seconds | [`crate::placement`], [`scheduler::snapshot`] |
 //! | [`remote_job`] | RemoteJobs and their pods | [`remote_job::plan`] |
+//! | [`missed`] | unbound pods of the default scheduler (with the webhook on) | [`crate::webhook::decide::missed`] |
 
 pub mod backoff;
 pub mod context;
@@ -15,6 +16,7 @@ pub mod events;
 pub mod execution;
 pub mod lease;
 pub mod load;
+pub mod missed;
 pub mod node;
 pub mod remote_job;
 pub mod scheduler;
@@ -182,5 +184,6 @@ pub async fn lead(ctx: Arc<Context>) {
         _ = scheduler::run(ctx.clone()) => {}
         _ = remote_job::run(ctx.clone()) => {}
         _ = lease::renew_forever(ctx.clone()) => {}
+        _ = missed::run(ctx.clone()) => {}
     }
 }
