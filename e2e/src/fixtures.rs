@@ -327,6 +327,13 @@ impl PodBuilder {
         self
     }
 
+    /// Names no scheduler (the API server defaults it to `default-scheduler`), as a manifest
+    /// written for the webhook's opt-in does.
+    pub fn without_scheduler(mut self) -> Self {
+        self.spec.remove("schedulerName");
+        self
+    }
+
     /// Every key of `extra` (an object) replaces the pod spec key of that name.
     pub fn merge_spec(mut self, extra: Value) -> Self {
         if let Some(extra) = extra.as_object() {

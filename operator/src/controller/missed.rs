@@ -56,9 +56,10 @@ async fn report(ctx: &Context, told: &mut HashSet<String>, pod: &Pod) {
     }
     ctx.metrics.webhook_missed.inc();
     tracing::warn!(pod = %format!("{ns}/{}", pod.name_any()), "pod opted in to offloading but was created without the webhook");
-    let note = "This pod asked to be offloaded but was created while the offload-operator webhook \
-                could not answer (failurePolicy Ignore), so it kept the default scheduler and will \
-                not be offloaded. Delete and recreate it to offload it.";
+    let note = "This pod asks to be offloaded (offload.dev/offload annotation or namespace label) but \
+                was created without the offload webhook's change: the webhook could not answer \
+                (failurePolicy Ignore), or the namespace was labelled after the pod was created. It \
+                keeps the default scheduler and will not be offloaded; delete and recreate it.";
     ctx.events
         .publish(&pod.object_ref(&()), Reason::NotOffloaded, note, "Admit")
         .await;
