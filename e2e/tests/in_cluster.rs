@@ -4,7 +4,9 @@
 //! simulated site on the host and completes; `kubectl logs` of it goes API server -> the leader
 //! pod's kubelet API -> the site; `/metrics` answers through the chart's Service; `helm upgrade`
 //! to changed values rolls both replicas and offloading goes on, each pod created once at the
-//! site; `helm uninstall` leaves nothing behind but the CRDs.
+//! site; a pod annotated `offload.dev/offload: "true"` is given the offload scheduler by the
+//! chart's webhook, called by kube-apiserver through the Service; `helm uninstall` leaves nothing
+//! behind but the CRDs.
 //!
 //! This binary holds only this test: it adds a node to the control plane the other test binaries
 //! share (tainted, so no other test's pod lands there), and cargo runs test binaries one at a time.
@@ -20,7 +22,8 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         coordination::v1::Lease,
-        core::v1::{Node, Pod, Secret, Service},
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -101,6 +104,7 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
              image: {{pullPolicy: Never}}\n\
              tolerations: [{{key: {taint}, operator: Exists, effect: NoSchedule}}]\n\
              kubelet: {{tls: {{secretName: kubelet-tls}}}}\n\
+             webhook: {{enabled: true}}\n\
              operator:\n  siteSelector: offload.dev/e2e-test={ns}\n  nodeLeaseRenewSeconds: 2\n  logFormat: text\n",
             taint = node.taint_key,
             ns = t.name
@@ -238,12 +242,13 @@ async fn offload_through_an_upgrade(
     );
 
     offload(&pods, policy, "after-upgrade").await?;
+    through_the_webhook(t).await?;
     let first = pods.get("before-upgrade").await?;
     ensure!(
         first.status.and_then(|s| s.phase).as_deref() == Some("Succeeded"),
         "the pod that ran before the upgrade is no longer Succeeded"
     );
-    exactly_once(&[sim.stats()], 2)?;
+    exactly_once(&[sim.stats()], 3)?;
     Ok(())
 }
 
@@ -272,6 +277,38 @@ async fn offload(pods: &Api<Pod>, policy: &str, name: &str) -> anyhow::Result<()
     .await?;
     eprintln!("kubectl logs {name}: {}", log.trim());
     Ok(())
+}
+
+/// A pod annotated `offload.dev/offload: "true"`, with no scheduler name, in another namespace
+/// (the chart never sends its own namespace to the webhook): kube-apiserver calls the webhook
+/// through the chart's Service, the pod gets the offload scheduler and runs at the site.
+async fn through_the_webhook(t: &TestNamespace) -> anyhow::Result<()> {
+    let apps = format!("{}-apps", t.name);
+    let namespaces: Api<Namespace> = Api::all(t.client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(apps.clone());
+    namespaces.create(&PostParams::default(), &ns).await?;
+    let result = async {
+        let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &apps);
+        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        let pods: Api<Pod> = Api::namespaced(t.client.clone(), &apps);
+        let pod = pod_builder("annotated")
+            .without_scheduler()
+            .annotate("offload.dev/offload", "true")
+            .cpu("100m")
+            .runs_for(1)
+            .script("echo through the webhook")
+            .build()?;
+        let created = pods.create(&PostParams::default(), &pod).await?;
+        let scheduler = created.spec.and_then(|s| s.scheduler_name).unwrap_or_default();
+        ensure!(scheduler == "offload-scheduler", "not mutated through the chart's Service: {scheduler}");
+        wait_phase(&pods, "annotated", "Succeeded", TIMEOUT).await?;
+        eprintln!("webhook: an annotated pod in {apps} got the offload scheduler through the Service and succeeded");
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    namespaces.delete(&apps, &DeleteParams::default()).await?;
+    result
 }
 
 #[derive(Debug, Clone)]
@@ -400,7 +437,8 @@ async fn uninstall_leaves_only_the_crds(t: &TestNamespace, site: &str) -> anyhow
         .args(["get", "-A", "-l", INSTANCE, "-o", "name"])
         .arg(
             "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,roles,rolebindings,\
-             clusterroles,clusterrolebindings,poddisruptionbudgets,networkpolicies,leases",
+             clusterroles,clusterrolebindings,poddisruptionbudgets,networkpolicies,leases,\
+             mutatingwebhookconfigurations",
         )
         .output()?;
     ensure!(
@@ -415,6 +453,8 @@ async fn uninstall_leaves_only_the_crds(t: &TestNamespace, site: &str) -> anyhow
         leases.get_opt(FULLNAME).await?.is_none(),
         "the leader Lease is left behind"
     );
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(t.client.clone());
+    ensure!(webhooks.get_opt(FULLNAME).await?.is_none(), "the webhook configuration is left behind");
     let node = format!("offload-{site}");
     let nodes: Api<Node> = Api::all(t.client.clone());
     ensure!(
