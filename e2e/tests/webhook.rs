@@ -88,8 +88,9 @@ fn configuration(name: &str, namespace: &str, base: &str, ca: &[u8]) -> anyhow::
     }))?)
 }
 
-/// The sum of a counter's series whose labels contain `labels` (`""`: all), from `/metrics`.
-fn counter(metrics: &str, name: &str, labels: &str) -> f64 {
+/// The sum of a counter's series that carry every one of `labels` (`name="value"`; none: all),
+/// from `/metrics`.
+fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -97,7 +98,7 @@ fn counter(metrics: &str, name: &str, labels: &str) -> f64 {
             let (series, value) = l.rsplit_once(' ')?;
             let rest = series.strip_prefix(name)?;
             (rest.is_empty() || rest.starts_with('{')).then_some(())?;
-            rest.contains(labels).then(|| value.parse::<f64>().ok())?
+            labels.iter().all(|l| rest.contains(l)).then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
@@ -145,7 +146,7 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
     let after = metrics().await?;
     let total = "offload_webhook_admissions_total";
     ensure!(
-        counter(&after, total, "") == counter(&before, total, ""),
+        counter(&after, total, &[]) == counter(&before, total, &[]),
         "the webhook was called for an unrelated pod"
     );
 
@@ -174,12 +175,12 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
     s.phase("annotated", "Succeeded", TIMEOUT).await?;
     let now = metrics().await?;
     ensure!(
-        counter(&now, total, "route=\"annotated\",result=\"mutated\"") == 1.0,
+        counter(&now, total, &["route=\"annotated\"", "result=\"mutated\""]) == 1.0,
         "admissions: {}",
         now.lines().filter(|l| l.contains(total)).collect::<Vec<_>>().join("\n")
     );
     ensure!(
-        counter(&now, "offload_webhook_admission_duration_seconds_count", "route=\"annotated\"") == 1.0,
+        counter(&now, "offload_webhook_admission_duration_seconds_count", &["route=\"annotated\""]) == 1.0,
         "no admission latency observed"
     );
 
@@ -243,9 +244,9 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
     .await?;
     let now = metrics().await?;
     ensure!(
-        counter(&now, "offload_webhook_missed_pods_total", "") == 1.0,
+        counter(&now, "offload_webhook_missed_pods_total", &[]) == 1.0,
         "missed pods: {}",
-        counter(&now, "offload_webhook_missed_pods_total", "")
+        counter(&now, "offload_webhook_missed_pods_total", &[])
     );
     // The opted-out pod, also unbound with the default scheduler, is not reported.
     let l = events.list(&ListParams::default().fields("regarding.name=opted-out")).await?;
