@@ -20,9 +20,9 @@ use anyhow::{Context, ensure};
 use k8s_openapi::{
     ByteString,
     api::{
+        admissionregistration::v1::MutatingWebhookConfiguration,
         apps::v1::Deployment,
         coordination::v1::Lease,
-        admissionregistration::v1::MutatingWebhookConfiguration,
         core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -290,7 +290,10 @@ async fn through_the_webhook(t: &TestNamespace) -> anyhow::Result<()> {
     namespaces.create(&PostParams::default(), &ns).await?;
     let result = async {
         let sas: Api<ServiceAccount> = Api::namespaced(t.client.clone(), &apps);
-        wait::until("the default ServiceAccount", TIMEOUT, || async { sas.get_opt("default").await }).await?;
+        wait::until("the default ServiceAccount", TIMEOUT, || async {
+            sas.get_opt("default").await
+        })
+        .await?;
         let pods: Api<Pod> = Api::namespaced(t.client.clone(), &apps);
         let pod = pod_builder("annotated")
             .without_scheduler()
@@ -301,9 +304,14 @@ async fn through_the_webhook(t: &TestNamespace) -> anyhow::Result<()> {
             .build()?;
         let created = pods.create(&PostParams::default(), &pod).await?;
         let scheduler = created.spec.and_then(|s| s.scheduler_name).unwrap_or_default();
-        ensure!(scheduler == "offload-scheduler", "not mutated through the chart's Service: {scheduler}");
+        ensure!(
+            scheduler == "offload-scheduler",
+            "not mutated through the chart's Service: {scheduler}"
+        );
         wait_phase(&pods, "annotated", "Succeeded", TIMEOUT).await?;
-        eprintln!("webhook: an annotated pod in {apps} got the offload scheduler through the Service and succeeded");
+        eprintln!(
+            "webhook: an annotated pod in {apps} got the offload scheduler through the Service and succeeded"
+        );
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -454,7 +462,10 @@ async fn uninstall_leaves_only_the_crds(t: &TestNamespace, site: &str) -> anyhow
         "the leader Lease is left behind"
     );
     let webhooks: Api<MutatingWebhookConfiguration> = Api::all(t.client.clone());
-    ensure!(webhooks.get_opt(FULLNAME).await?.is_none(), "the webhook configuration is left behind");
+    ensure!(
+        webhooks.get_opt(FULLNAME).await?.is_none(),
+        "the webhook configuration is left behind"
+    );
     let node = format!("offload-{site}");
     let nodes: Api<Node> = Api::all(t.client.clone());
     ensure!(

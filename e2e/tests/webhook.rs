@@ -37,24 +37,75 @@ fn certificates(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let run = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("openssl").args(args).current_dir(dir).output()?;
-        ensure!(out.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     };
     run(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-        "-subj", "/CN=offload-e2e-webhook-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=offload-e2e-webhook-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
     ])?;
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=127.0.0.1"])?;
-    std::fs::write(dir.join("tls.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")?;
     run(&[
-        "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "tls.crt",
-        "-days", "1", "-extfile", "tls.ext",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    std::fs::write(
+        dir.join("tls.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "tls.ext",
     ])
 }
 
 /// The chart's two webhook entries, for one namespace, calling `base` (the operator's URL).
-fn configuration(name: &str, namespace: &str, base: &str, ca: &[u8]) -> anyhow::Result<MutatingWebhookConfiguration> {
+fn configuration(
+    name: &str,
+    namespace: &str,
+    base: &str,
+    ca: &[u8],
+) -> anyhow::Result<MutatingWebhookConfiguration> {
     let ca = serde_json::to_value(k8s_openapi::ByteString(ca.to_vec()))?; // base64, as the API wants
     let entry = |webhook: &str, path: &str, selector: serde_json::Value, conditions: serde_json::Value| {
         json!({
@@ -98,13 +149,19 @@ fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
             let (series, value) = l.rsplit_once(' ')?;
             let rest = series.strip_prefix(name)?;
             (rest.is_empty() || rest.starts_with('{')).then_some(())?;
-            labels.iter().all(|l| rest.contains(l)).then(|| value.parse::<f64>().ok())?
+            labels
+                .iter()
+                .all(|l| rest.contains(l))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
 
 fn scheduler_of(pod: &Pod) -> String {
-    pod.spec.as_ref().and_then(|s| s.scheduler_name.clone()).unwrap_or_default()
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduler_name.clone())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -116,14 +173,24 @@ async fn pods_opt_in_by_annotation_or_namespace_label_through_the_webhook() {
     let addr = format!("127.0.0.1:{port}");
     let cert = dir.join("tls.crt").to_string_lossy().into_owned();
     let key = dir.join("tls.key").to_string_lossy().into_owned();
-    let args = ["--webhook-addr", &addr, "--webhook-tls-cert", &cert, "--webhook-tls-key", &key];
+    let args = [
+        "--webhook-addr",
+        &addr,
+        "--webhook-tls-cert",
+        &cert,
+        "--webhook-tls-key",
+        &key,
+    ];
     Scenario::run_with("webhook", &args, |s| async move {
         let configs: Api<MutatingWebhookConfiguration> = Api::all(s.t.client.clone());
         let config_name = format!("offload-e2e-{}", s.t.name);
         let ca = std::fs::read(dir.join("ca.crt"))?;
         let base = format!("https://127.0.0.1:{port}");
         configs
-            .create(&PostParams::default(), &configuration(&config_name, &s.t.name, &base, &ca)?)
+            .create(
+                &PostParams::default(),
+                &configuration(&config_name, &s.t.name, &base, &ca)?,
+            )
             .await?;
         let result = steps(&s, &dir).await;
         configs.delete(&config_name, &DeleteParams::default()).await?;
@@ -142,7 +209,11 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
     let plain = pod_builder("plain").without_scheduler().build()?;
     s.pods.create(&PostParams::default(), &plain).await?;
     let created = s.pods.get("plain").await?;
-    ensure!(scheduler_of(&created) == "default-scheduler", "an unrelated pod was changed: {}", scheduler_of(&created));
+    ensure!(
+        scheduler_of(&created) == "default-scheduler",
+        "an unrelated pod was changed: {}",
+        scheduler_of(&created)
+    );
     let after = metrics().await?;
     let total = "offload_webhook_admissions_total";
     ensure!(
@@ -159,16 +230,28 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
         .build()?;
     s.pods.create(&PostParams::default(), &annotated).await?;
     let pod = s.pods.get("annotated").await?;
-    ensure!(scheduler_of(&pod) == "offload-scheduler", "annotated pod not mutated: {}", scheduler_of(&pod));
-    let tolerations = pod.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+    ensure!(
+        scheduler_of(&pod) == "offload-scheduler",
+        "annotated pod not mutated: {}",
+        scheduler_of(&pod)
+    );
+    let tolerations = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.tolerations.clone())
+        .unwrap_or_default();
     for key in ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"] {
         ensure!(
-            tolerations.iter().any(|t| t.key.as_deref() == Some(key) && t.toleration_seconds.is_none()),
+            tolerations
+                .iter()
+                .any(|t| t.key.as_deref() == Some(key) && t.toleration_seconds.is_none()),
             "{key} is not tolerated without a time limit: {tolerations:?}"
         );
     }
     ensure!(
-        pod.annotations().get("offload.dev/mutated-by").is_some_and(|v| v.contains("schedulerName")),
+        pod.annotations()
+            .get("offload.dev/mutated-by")
+            .is_some_and(|v| v.contains("schedulerName")),
         "no offload.dev/mutated-by annotation: {:?}",
         pod.annotations()
     );
@@ -177,10 +260,17 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
     ensure!(
         counter(&now, total, &["route=\"annotated\"", "result=\"mutated\""]) == 1.0,
         "admissions: {}",
-        now.lines().filter(|l| l.contains(total)).collect::<Vec<_>>().join("\n")
+        now.lines()
+            .filter(|l| l.contains(total))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     ensure!(
-        counter(&now, "offload_webhook_admission_duration_seconds_count", &["route=\"annotated\""]) == 1.0,
+        counter(
+            &now,
+            "offload_webhook_admission_duration_seconds_count",
+            &["route=\"annotated\""]
+        ) == 1.0,
         "no admission latency observed"
     );
 
@@ -191,19 +281,29 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
         .build()?;
     let file = dir.join("other-scheduler.json");
     std::fs::write(&file, serde_json::to_vec(&other)?)?;
-    let out = s.t.cluster.kubectl().args(["-n", &s.t.name, "create", "-f"]).arg(&file).output()?;
+    let out =
+        s.t.cluster
+            .kubectl()
+            .args(["-n", &s.t.name, "create", "-f"])
+            .arg(&file)
+            .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "kubectl create: {stderr}");
     ensure!(
         stderr.contains("Warning: offload.dev: the pod names scheduler volcano"),
         "no warning from the webhook: {stderr}"
     );
-    ensure!(scheduler_of(&s.pods.get("other-scheduler").await?) == "volcano", "the other scheduler was replaced");
+    ensure!(
+        scheduler_of(&s.pods.get("other-scheduler").await?) == "volcano",
+        "the other scheduler was replaced"
+    );
 
     // A labelled namespace: a pod with no annotation and no scheduler name is offloaded. (The
     // unrelated pod goes first: unbound in a namespace that opts in, it would be reported as not
     // offloaded, as a pod created before its namespace was labelled is.)
-    s.pods.delete("plain", &DeleteParams::default().grace_period(0)).await?;
+    s.pods
+        .delete("plain", &DeleteParams::default().grace_period(0))
+        .await?;
     let namespaces: Api<Namespace> = Api::all(s.t.client.clone());
     namespaces
         .patch(
@@ -212,34 +312,63 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
             &Patch::Merge(json!({"metadata": {"labels": {"offload.dev/offload": "enabled"}}})),
         )
         .await?;
-    let by_namespace = pod_builder("by-namespace").without_scheduler().script("echo namespace").runs_for(1).build()?;
-    wait::until("the namespace label to reach the API server's selector", TIMEOUT, || async {
-        // The webhook's namespace selector reads an informer: retry a dry-run create until it sees
-        // the label.
-        let pp = PostParams { dry_run: true, ..Default::default() };
-        let p = s.pods.create(&pp, &by_namespace).await?;
-        Ok::<_, kube::Error>((scheduler_of(&p) == "offload-scheduler").then_some(()))
-    })
+    let by_namespace = pod_builder("by-namespace")
+        .without_scheduler()
+        .script("echo namespace")
+        .runs_for(1)
+        .build()?;
+    wait::until(
+        "the namespace label to reach the API server's selector",
+        TIMEOUT,
+        || async {
+            // The webhook's namespace selector reads an informer: retry a dry-run create until it sees
+            // the label.
+            let pp = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            let p = s.pods.create(&pp, &by_namespace).await?;
+            Ok::<_, kube::Error>((scheduler_of(&p) == "offload-scheduler").then_some(()))
+        },
+    )
     .await?;
     s.pods.create(&PostParams::default(), &by_namespace).await?;
-    ensure!(scheduler_of(&s.pods.get("by-namespace").await?) == "offload-scheduler", "the labelled namespace's pod was not mutated");
+    ensure!(
+        scheduler_of(&s.pods.get("by-namespace").await?) == "offload-scheduler",
+        "the labelled namespace's pod was not mutated"
+    );
     s.phase("by-namespace", "Succeeded", TIMEOUT).await?;
     // Opting out of a labelled namespace.
-    let opted_out = pod_builder("opted-out").without_scheduler().annotate("offload.dev/offload", "false").build()?;
+    let opted_out = pod_builder("opted-out")
+        .without_scheduler()
+        .annotate("offload.dev/offload", "false")
+        .build()?;
     s.pods.create(&PostParams::default(), &opted_out).await?;
-    ensure!(scheduler_of(&s.pods.get("opted-out").await?) == "default-scheduler", "an opted-out pod was mutated");
+    ensure!(
+        scheduler_of(&s.pods.get("opted-out").await?) == "default-scheduler",
+        "an opted-out pod was mutated"
+    );
 
     // The operator down: pod creation still succeeds (failurePolicy Ignore), unchanged; once it is
     // back, the leader says so on the pod and in a metric.
     s.stop_operator().await;
     let missed = pod_builder("while-down").without_scheduler().build()?;
-    s.pods.create(&PostParams::default(), &missed).await.context("creating a pod while the webhook is down")?;
+    s.pods
+        .create(&PostParams::default(), &missed)
+        .await
+        .context("creating a pod while the webhook is down")?;
     ensure!(scheduler_of(&s.pods.get("while-down").await?) == "default-scheduler");
     s.start_operator().await?;
     let events: Api<Event> = Api::namespaced(s.t.client.clone(), &s.t.name);
     wait::until("a NotOffloaded Event on while-down", TIMEOUT, || async {
-        let l = events.list(&ListParams::default().fields("regarding.name=while-down")).await?;
-        Ok::<_, kube::Error>(l.items.into_iter().find(|e| e.reason.as_deref() == Some("NotOffloaded")))
+        let l = events
+            .list(&ListParams::default().fields("regarding.name=while-down"))
+            .await?;
+        Ok::<_, kube::Error>(
+            l.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("NotOffloaded")),
+        )
     })
     .await?;
     let now = metrics().await?;
@@ -249,9 +378,13 @@ async fn steps(s: &Scenario, dir: &Path) -> anyhow::Result<()> {
         counter(&now, "offload_webhook_missed_pods_total", &[])
     );
     // The opted-out pod, also unbound with the default scheduler, is not reported.
-    let l = events.list(&ListParams::default().fields("regarding.name=opted-out")).await?;
+    let l = events
+        .list(&ListParams::default().fields("regarding.name=opted-out"))
+        .await?;
     ensure!(
-        !l.items.iter().any(|e| e.reason.as_deref() == Some("NotOffloaded")),
+        !l.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("NotOffloaded")),
         "an opted-out pod was reported as missed"
     );
     Ok(())

@@ -29,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator: the site controller, node leases, the offload scheduler, and the
     /// metrics/health server.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print where the offload scheduler would place a pod now, and why, without binding it.
     Explain {
         /// A pod manifest (YAML or JSON; `-` for stdin).
@@ -170,7 +170,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
     match cli.command {
         Command::Check => check(cli.kubeconfig).await,
-        Command::Run(args) => run(cli.kubeconfig, args).await,
+        Command::Run(args) => run(cli.kubeconfig, *args).await,
         Command::Explain {
             file,
             pod,

@@ -140,7 +140,10 @@ pub fn decide(pod: &Pod, route: Route) -> Decision {
     out.metadata
         .annotations
         .get_or_insert_with(Default::default)
-        .insert(ANNOTATION_MUTATED.into(), format!("offload-operator webhook: {}", changed.join(", ")));
+        .insert(
+            ANNOTATION_MUTATED.into(),
+            format!("offload-operator webhook: {}", changed.join(", ")),
+        );
     Decision::Mutate(Box::new(out))
 }
 
@@ -177,8 +180,12 @@ mod tests {
     fn pod(annotations: &[(&str, &str)], scheduler: Option<&str>, tolerations: Vec<Toleration>) -> Pod {
         let mut p = Pod::default();
         if !annotations.is_empty() {
-            p.metadata.annotations =
-                Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+            p.metadata.annotations = Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
         }
         p.spec = Some(PodSpec {
             scheduler_name: scheduler.map(String::from),
@@ -212,7 +219,11 @@ mod tests {
 
     #[test]
     fn an_annotated_pod_gets_the_scheduler_and_untimed_outage_tolerations() {
-        let p = pod(&[(OPT_IN, "true")], Some("default-scheduler"), apiserver_defaults());
+        let p = pod(
+            &[(OPT_IN, "true")],
+            Some("default-scheduler"),
+            apiserver_defaults(),
+        );
         let out = mutated(decide(&p, Route::Annotated));
         let spec = out.spec.unwrap();
         assert_eq!(spec.scheduler_name.as_deref(), Some(SCHEDULER_NAME));
@@ -220,12 +231,17 @@ mod tests {
         assert_eq!(tolerations.len(), 2);
         for key in OUTAGE_TAINTS {
             assert!(
-                tolerations.iter().any(|t| t.key.as_deref() == Some(key) && t.toleration_seconds.is_none()),
+                tolerations
+                    .iter()
+                    .any(|t| t.key.as_deref() == Some(key) && t.toleration_seconds.is_none()),
                 "{key} untimed in {tolerations:?}"
             );
         }
         let note = &out.metadata.annotations.unwrap()[ANNOTATION_MUTATED];
-        assert!(note.contains("schedulerName") && note.contains("tolerations"), "{note}");
+        assert!(
+            note.contains("schedulerName") && note.contains("tolerations"),
+            "{note}"
+        );
     }
 
     #[test]

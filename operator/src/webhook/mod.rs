@@ -49,8 +49,13 @@ pub enum Error {
 }
 
 /// Answers one AdmissionReview (pure: no I/O); returns the response and the metric result.
-pub fn review(body: AdmissionReview<Pod>, route: Route) -> Result<(AdmissionReview<DynamicObject>, &'static str), Error> {
-    let req: AdmissionRequest<Pod> = body.try_into().map_err(|e: kube::core::admission::ConvertAdmissionReviewError| Error::NotAReview(e.to_string()))?;
+pub fn review(
+    body: AdmissionReview<Pod>,
+    route: Route,
+) -> Result<(AdmissionReview<DynamicObject>, &'static str), Error> {
+    let req: AdmissionRequest<Pod> = body
+        .try_into()
+        .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| Error::NotAReview(e.to_string()))?;
     let response = AdmissionResponse::from(&req);
     let Some(pod) = req.object.as_ref().filter(|_| req.operation == Operation::Create) else {
         return Ok((response.into_review(), "not_a_create"));
@@ -91,11 +96,19 @@ async fn handle(app: App, route: Route, body: axum::body::Bytes) -> (StatusCode,
     let (status, body, result) = match outcome {
         Ok((review, result)) => match serde_json::to_value(&review) {
             Ok(v) => (StatusCode::OK, v, result),
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({"error": e.to_string()}), "error"),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": e.to_string()}),
+                "error",
+            ),
         },
         Err(e) => {
             tracing::warn!(error = %e, route = label, "cannot answer an admission review");
-            (StatusCode::BAD_REQUEST, serde_json::json!({"error": e.to_string()}), "error")
+            (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": e.to_string()}),
+                "error",
+            )
         }
     };
     app.metrics
@@ -161,7 +174,9 @@ async fn reload(config: axum_server::tls_rustls::RustlsConfig, tls: WebhookTls) 
         }
         match config.reload_from_pem_file(&tls.cert, &tls.key).await {
             Ok(()) => tracing::info!(cert = %tls.cert.display(), "webhook certificate reloaded"),
-            Err(e) => tracing::warn!(error = %e, "webhook certificate changed but cannot be loaded; keeping the old one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook certificate changed but cannot be loaded; keeping the old one")
+            }
         }
         last = now;
     }
@@ -233,7 +248,10 @@ mod tests {
 
     #[test]
     fn another_scheduler_is_allowed_unchanged_with_a_warning() {
-        let original = pod(serde_json::json!({"offload.dev/offload": "true"}), Some("volcano"));
+        let original = pod(
+            serde_json::json!({"offload.dev/offload": "true"}),
+            Some("volcano"),
+        );
         let (r, result) = review(review_of(original, "CREATE"), Route::Annotated).unwrap();
         assert_eq!(result, "other_scheduler");
         let resp = response(&r);
