@@ -144,11 +144,15 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
         .spec
         .and_then(|s| s.cluster_ip)
         .context("the Service has no ClusterIP")?;
-    let (code, body) = http_get(&format!("http://{ip}:8080/metrics")).await?;
-    ensure!(
-        code == 200 && body.contains("offload_leader "),
-        "metrics via the Service {ip}: HTTP {code}"
-    );
+    // kube-proxy programs the ClusterIP a moment after the endpoints are ready; until then the
+    // packet leaves by the bridge and finds no host ("No route to host"), as any client would see.
+    wait::until(&format!("/metrics through the Service {ip}"), TIMEOUT, || async {
+        let (code, body) = http_get(&format!("http://{ip}:8080/metrics"))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((code == 200 && body.contains("offload_leader ")).then_some(()))
+    })
+    .await?;
 
     // A site on the host (the node's bridge address: a pod cannot reach the host's loopback).
     let sim = SimHandle::start(SimConfig {
@@ -302,6 +306,19 @@ async fn through_the_webhook(t: &TestNamespace) -> anyhow::Result<()> {
             .runs_for(1)
             .script("echo through the webhook")
             .build()?;
+        // The API server reaches the webhook through the Service's ClusterIP: wait (dry-run
+        // creates) until kube-proxy has programmed it; before that, failurePolicy Ignore admits
+        // the pod unchanged.
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait::until("the webhook through the chart's Service", TIMEOUT, || async {
+            let p = pods.create(&dry, &pod).await?;
+            let scheduler = p.spec.and_then(|s| s.scheduler_name).unwrap_or_default();
+            Ok::<_, kube::Error>((scheduler == "offload-scheduler").then_some(()))
+        })
+        .await?;
         let created = pods.create(&PostParams::default(), &pod).await?;
         let scheduler = created.spec.and_then(|s| s.scheduler_name).unwrap_or_default();
         ensure!(
