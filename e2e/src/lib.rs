@@ -14,6 +14,7 @@ pub mod burst;
 pub mod cluster;
 pub mod fixtures;
 pub mod helm;
+pub mod kueue;
 pub mod namespace;
 pub mod nodes;
 pub mod operator;

@@ -127,6 +127,10 @@ pub struct RunArgs {
     /// Key of the webhook's serving certificate.
     #[arg(long, requires = "webhook_tls_cert")]
     pub webhook_tls_key: Option<PathBuf>,
+    /// Keep one Kueue ResourceFlavor per OffloadSite (`offload-<site>`), so ClusterQueues can give
+    /// quota on sites (needs Kueue's CRDs and RBAC for resourceflavors; docs/kueue.md).
+    #[arg(long, env = "OFFLOAD_KUEUE")]
+    pub kueue: bool,
 }
 
 impl RunArgs {
@@ -288,6 +292,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         site_selector: args.site_selector,
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
         webhook: webhook.is_some(),
+        kueue: args.kueue,
     };
     let ctx = controller::Context::start(client.clone(), settings, metrics, health);
     match (

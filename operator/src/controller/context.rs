@@ -30,6 +30,8 @@ pub struct Settings {
     /// Whether this operator serves the pod-mutating webhook: then the leader also reports pods
     /// that opted in but were created while the webhook could not answer ([`super::missed`]).
     pub webhook: bool,
+    /// Whether to keep a Kueue ResourceFlavor per site ([`super::kueue`]).
+    pub kueue: bool,
 }
 
 /// What every controller shares: one client, one cache per kind (one watch each, the pod cache

@@ -7,6 +7,7 @@
 //! | [`execution`] | pods bound to site Nodes | [`execution::decide`] |
 //! | [`scheduler`] | any cache change, every few seconds | [`crate::placement`], [`scheduler::snapshot`] |
 //! | [`remote_job`] | RemoteJobs and their pods | [`remote_job::plan`] |
+//! | [`kueue`] | OffloadSites (with `--kueue`) | [`kueue::flavor`] |
 //! | [`missed`] | unbound pods of the default scheduler (with the webhook on) | [`crate::webhook::decide::missed`] |
 
 pub mod backoff;
@@ -14,6 +15,7 @@ pub mod context;
 pub mod credentials;
 pub mod events;
 pub mod execution;
+pub mod kueue;
 pub mod lease;
 pub mod load;
 pub mod missed;
@@ -185,5 +187,6 @@ pub async fn lead(ctx: Arc<Context>) {
         _ = remote_job::run(ctx.clone()) => {}
         _ = lease::renew_forever(ctx.clone()) => {}
         _ = missed::run(ctx.clone()) => {}
+        _ = kueue::run(ctx.clone()) => {}
     }
 }

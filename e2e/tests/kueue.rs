@@ -1,0 +1,207 @@
+//! Offload sites as Kueue capacity, with the real Kueue (v0.17, `e2e/bin/kueue-up`): the operator
+//! (`--kueue`) keeps one ResourceFlavor per site; a ClusterQueue gives quota on a local flavor and
+//! on two site flavors; of six Jobs, the first fill the local quota and the rest are admitted on
+//! the site flavors, whose pods kube-scheduler binds to the sites' virtual Nodes and the operator
+//! runs at the simulated sites.
+//!
+//! Alone in its binary: Kueue's Job webhook is cluster-wide while it runs.
+
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
+use kube::{
+    Api, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams},
+};
+use offload_e2e::{fixtures::site_builder, kueue::Kueue, scenario::Scenario, sitesim::exactly_once, wait};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn kueue_api(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kueue.x-k8s.io", "v1beta2", kind), plural)
+}
+
+#[tokio::test]
+async fn jobs_admitted_on_site_flavors_run_at_the_sites() {
+    Scenario::run_with("kueue", &["--kueue"], |s| async move {
+        let cluster = s.t.cluster;
+        let kueue = tokio::task::spawn_blocking(move || Kueue::up(cluster)).await??;
+        let result = run(&s).await;
+        if result.is_err() {
+            eprintln!("----- kueue.log -----\n{}", kueue.log_tail(60));
+        }
+        // Jobs go first, while Kueue still answers for them.
+        let jobs: Api<Job> = Api::namespaced(s.t.client.clone(), &s.t.name);
+        let dp = kube::api::DeleteParams::background();
+        let _ = jobs.delete_collection(&dp, &ListParams::default()).await;
+        let down = {
+            let kueue = kueue.clone();
+            tokio::task::spawn_blocking(move || kueue.down()).await?
+        };
+        result.and(down)
+    })
+    .await;
+}
+
+async fn run(s: &Scenario) -> anyhow::Result<()> {
+    let client = s.t.client.clone();
+    // The operator's identity may write flavors (the chart grants the same with kueue.enabled).
+    let out = s
+        .t
+        .cluster
+        .kubectl()
+        .args(["apply", "-f"])
+        .arg(offload_e2e::cluster::repo_root().join("e2e/testdata/operator-rbac-kueue.yaml"))
+        .output()?;
+    ensure!(out.status.success(), "RBAC: {}", String::from_utf8_lossy(&out.stderr));
+
+    let big = json!({"cpu": "4", "memory": "16Gi", "pods": 20});
+    let hpc_sim = s.site(site_builder("hpc").set("capacity", big.clone())).await?;
+    let htc_sim = s.site(site_builder("htc").set("capacity", big)).await?;
+    let (hpc, htc) = (s.name("hpc"), s.name("htc"));
+
+    // The operator's flavors.
+    let flavors: Api<DynamicObject> = Api::all_with(client.clone(), &kueue_api("ResourceFlavor", "resourceflavors"));
+    for site in [&hpc, &htc] {
+        let name = format!("offload-{site}");
+        let f = wait::until(&format!("ResourceFlavor {name}"), TIMEOUT, || async { flavors.get_opt(&name).await }).await?;
+        ensure!(
+            f.data["spec"]["nodeLabels"]["offload.dev/site"] == site.as_str(),
+            "flavor {name}: {}",
+            f.data["spec"]
+        );
+    }
+
+    // A local flavor (no node behind it here: what Kueue admits on it just waits) and the queues.
+    let local = format!("{}-local", s.t.name);
+    let pp = PostParams::default();
+    let apply = PatchParams::apply("offload-e2e").force();
+    flavors
+        .patch(
+            &local,
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+                "metadata": {"name": local}, "spec": {"nodeLabels": {"offload.dev/e2e-local": s.t.name}}})),
+        )
+        .await?;
+    let quota = |flavor: &str, cpu: &str| {
+        json!({"name": flavor, "resources": [{"name": "cpu", "nominalQuota": cpu}, {"name": "memory", "nominalQuota": "64Gi"}]})
+    };
+    let cq = format!("{}-cq", s.t.name);
+    let cqs: Api<DynamicObject> = Api::all_with(client.clone(), &kueue_api("ClusterQueue", "clusterqueues"));
+    cqs.patch(
+        &cq,
+        &apply,
+        &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
+            "metadata": {"name": cq},
+            "spec": {"namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu", "memory"],
+                "flavors": [quota(&local, "2"), quota(&format!("offload-{hpc}"), "2"), quota(&format!("offload-{htc}"), "2")]}]}})),
+    )
+    .await?;
+    let lqs: Api<DynamicObject> = Api::namespaced_with(client.clone(), &s.t.name, &kueue_api("LocalQueue", "localqueues"));
+    lqs.patch(
+        "lq",
+        &apply,
+        &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+            "metadata": {"name": "lq", "namespace": s.t.name}, "spec": {"clusterQueue": cq}})),
+    )
+    .await?;
+
+    // Six Jobs of one 1-CPU pod each, created one after the other (Kueue admits in order).
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &s.t.name);
+    for i in 0..6 {
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": format!("job-{i}"), "labels": {"kueue.x-k8s.io/queue-name": "lq"}},
+            "spec": {"backoffLimit": 0, "template": {
+                "metadata": {"annotations": {"sitesim.offload.dev/duration-seconds": "1"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox",
+                    "command": ["sh", "-c", "echo queued by kueue"],
+                    "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}}}
+        }))?;
+        jobs.create(&pp, &job).await.with_context(|| format!("creating job-{i}"))?;
+        let name = format!("job-{i}");
+        // Kueue's webhook suspends it at creation.
+        let created = jobs.get(&name).await?;
+        ensure!(
+            created.spec.as_ref().and_then(|s| s.suspend) == Some(true),
+            "Kueue's webhook did not suspend {name}"
+        );
+        wait::until(&format!("{name} admitted"), TIMEOUT, || async {
+            Ok::<_, anyhow::Error>(admitted_flavor(&client, &s.t.name, &name).await?)
+        })
+        .await?;
+    }
+
+    // Where each was admitted.
+    let mut by_flavor: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..6 {
+        let name = format!("job-{i}");
+        let flavor = admitted_flavor(&client, &s.t.name, &name).await?.context("not admitted")?;
+        by_flavor.entry(flavor).or_default().push(name);
+    }
+    eprintln!("admitted: {by_flavor:?}");
+    let hpc_flavor = format!("offload-{hpc}");
+    let htc_flavor = format!("offload-{htc}");
+    ensure!(
+        by_flavor.get(&local).map(Vec::len) == Some(2)
+            && by_flavor.get(&hpc_flavor).map(Vec::len) == Some(2)
+            && by_flavor.get(&htc_flavor).map(Vec::len) == Some(2),
+        "expected 2 local, 2 hpc, 2 htc: {by_flavor:?}"
+    );
+    ensure!(by_flavor[&local] == ["job-0", "job-1"], "the first jobs did not fill the local quota: {by_flavor:?}");
+
+    // The site flavors' Jobs complete at the sites; their pods ran on the sites' Nodes.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &s.t.name);
+    for (flavor, site) in [(&hpc_flavor, &hpc), (&htc_flavor, &htc)] {
+        for name in &by_flavor[flavor] {
+            wait::until(&format!("{name} complete"), TIMEOUT, || async {
+                let j = jobs.get(name).await?;
+                let done = j
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Complete" && c.status == "True");
+                Ok::<_, kube::Error>(done.then_some(()))
+            })
+            .await?;
+            let list = pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await?;
+            let pod = list.items.first().context("the Job's pod is gone")?;
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            ensure!(node == format!("offload-{site}"), "{} ran on {node}", pod.name_any());
+        }
+    }
+    ensure!(
+        hpc_sim.stats().creates_per_uid.len() == 2 && htc_sim.stats().creates_per_uid.len() == 2,
+        "each site should have run two pods"
+    );
+    exactly_once(&[hpc_sim.stats(), htc_sim.stats()], 4)?;
+    // The local ones are admitted but have no node: they wait, unbound.
+    for name in &by_flavor[&local] {
+        let list = pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await?;
+        ensure!(
+            list.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_none()),
+            "a local-flavor pod was bound to a node"
+        );
+    }
+    Ok(())
+}
+
+/// The flavor the Job's Workload was admitted on (its cpu), once it is.
+async fn admitted_flavor(client: &kube::Client, ns: &str, job: &str) -> anyhow::Result<Option<String>> {
+    let workloads: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &kueue_api("Workload", "workloads"));
+    for w in workloads.list(&ListParams::default()).await?.items {
+        let owner = w.metadata.owner_references.clone().unwrap_or_default();
+        if !owner.iter().any(|o| o.kind == "Job" && o.name == job) {
+            continue;
+        }
+        let flavor = w.data["status"]["admission"]["podSetAssignments"][0]["flavors"]["cpu"].as_str();
+        return Ok(flavor.map(String::from));
+    }
+    Ok(None)
+}
