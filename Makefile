@@ -5,7 +5,7 @@ CARGO ?= cargo
 E2E_BIN := e2e/bin
 
 .PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus chart-check cluster-up cluster-down \
-	node image demo demo-down bench-e2e bench-compare bench-scale interlink interlink-up interlink-down slurm-up slurm-down
+	node kueue image demo demo-down bench-e2e bench-compare bench-scale interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ control-plane: ## build (once) the Kubernetes control-plane binaries into the ca
 node: control-plane ## build (once) the real node's kubelet, kube-proxy, containerd, runc and pause image into the cache folder
 	$(E2E_BIN)/build-node >/dev/null
 
+kueue: ## build (once) Kueue's controller manager, with its CRDs and webhook manifests, into the cache folder
+	$(E2E_BIN)/build-kueue >/dev/null
+
 helm: ## build (once) Helm into the cache folder
 	$(E2E_BIN)/build-helm >/dev/null
 
@@ -55,11 +58,12 @@ chart-check: control-plane helm prometheus ## helm lint, renders dry-run on a re
 # says so and skips that one test by name, so it is never reported as passed.
 # Helm and Prometheus are for the chart and Prometheus tests. The operator image (make image) and a
 # real node (e2e/bin/build-node; node-up is started by the in_cluster test itself, node-down here
-# too in case the test binary died) are for the in-cluster install test.
+# too in case the test binary died) are for the in-cluster install test. Kueue (e2e/bin/build-kueue;
+# kueue-up is started by the kueue test, kueue-down here too) is for the Kueue test.
 INTERLINK_TEST := pods_and_remote_jobs_run_as_real_slurm_jobs
-e2e: control-plane helm prometheus build image node ## end-to-end tests against a real control plane, a real node and the real interLink + Slurm chain
+e2e: control-plane helm prometheus build image node kueue ## end-to-end tests against a real control plane, a real node and the real interLink + Slurm chain
 	@dir=$$(mktemp -d /tmp/offload-e2e-make.XXXXXX); \
-	trap '$(E2E_BIN)/interlink-down "'"$$dir"'/interlink"; $(E2E_BIN)/node-down "'"$$dir"'"; $(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
+	trap '$(E2E_BIN)/interlink-down "'"$$dir"'/interlink"; $(E2E_BIN)/kueue-down "'"$$dir"'"; $(E2E_BIN)/node-down "'"$$dir"'"; $(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
 	E2E_FAST_NODE_LIFECYCLE=1 $(E2E_BIN)/cluster-up "$$dir" >/dev/null; \
 	il=""; skip=""; \
 	if [[ -n "$${E2E_SKIP_INTERLINK:-}" ]]; then \

@@ -31,9 +31,18 @@ impl Kueue {
             .output()
             .with_context(|| format!("running {}", script.display()))?;
         if !out.status.success() {
-            bail!("{} failed ({}); see the messages above", script.display(), out.status);
+            bail!(
+                "{} failed ({}); see the messages above",
+                script.display(),
+                out.status
+            );
         }
-        let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
+        let dir = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         Ok(Kueue {
             cluster_dir: cluster.dir.clone(),
             dir: PathBuf::from(dir),
@@ -43,7 +52,10 @@ impl Kueue {
     /// Stops it and unregisters its webhooks (`kueue-down`).
     pub fn down(&self) -> anyhow::Result<()> {
         let script = repo_root().join("e2e/bin/kueue-down");
-        let status = Command::new(&script).arg(&self.cluster_dir).stderr(Stdio::inherit()).status()?;
+        let status = Command::new(&script)
+            .arg(&self.cluster_dir)
+            .stderr(Stdio::inherit())
+            .status()?;
         anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
         Ok(())
     }

@@ -15,9 +15,18 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api, ResourceExt,
-    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams},
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+        PostParams,
+    },
 };
-use offload_e2e::{fixtures::site_builder, kueue::Kueue, scenario::Scenario, sitesim::exactly_once, wait};
+use offload_e2e::{
+    fixtures::{delete_sites, site_builder},
+    kueue::Kueue,
+    scenario::Scenario,
+    sitesim::exactly_once,
+    wait,
+};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -35,30 +44,88 @@ async fn jobs_admitted_on_site_flavors_run_at_the_sites() {
         if result.is_err() {
             eprintln!("----- kueue.log -----\n{}", kueue.log_tail(60));
         }
-        // Jobs go first, while Kueue still answers for them.
-        let jobs: Api<Job> = Api::namespaced(s.t.client.clone(), &s.t.name);
-        let dp = kube::api::DeleteParams::background();
-        let _ = jobs.delete_collection(&dp, &ListParams::default()).await;
+        // Everything Kueue puts finalizers on goes while it still runs.
+        let cleanup = cleanup(&s).await;
         let down = {
             let kueue = kueue.clone();
             tokio::task::spawn_blocking(move || kueue.down()).await?
         };
-        result.and(down)
+        result.and(cleanup).and(down)
     })
     .await;
+}
+
+/// Deletes the Jobs, the queues, the local flavor and the sites (whose flavors the garbage
+/// collector then deletes), waiting for each, while Kueue can still remove its finalizers.
+async fn cleanup(s: &Scenario) -> anyhow::Result<()> {
+    let client = s.t.client.clone();
+    let ns = &s.t.name;
+    let gone = |api: Api<DynamicObject>, what: String| async move {
+        wait::until(&what, TIMEOUT, || async {
+            Ok::<_, kube::Error>(
+                api.list(&ListParams::default())
+                    .await?
+                    .items
+                    .is_empty()
+                    .then_some(()),
+            )
+        })
+        .await
+    };
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    jobs.delete_collection(&DeleteParams::background(), &ListParams::default())
+        .await?;
+    gone(
+        Api::namespaced_with(client.clone(), ns, &kueue_api("Workload", "workloads")),
+        "the Workloads gone".into(),
+    )
+    .await?;
+    let lqs: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &kueue_api("LocalQueue", "localqueues"));
+    lqs.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    gone(lqs, "the LocalQueue gone".into()).await?;
+    let cqs: Api<DynamicObject> = Api::all_with(client.clone(), &kueue_api("ClusterQueue", "clusterqueues"));
+    let cq = format!("{ns}-cq");
+    cqs.delete(&cq, &DeleteParams::default()).await?;
+    wait::until("the ClusterQueue gone", TIMEOUT, || async {
+        Ok::<_, kube::Error>(cqs.get_opt(&cq).await?.is_none().then_some(()))
+    })
+    .await?;
+    let sites = [s.name("hpc"), s.name("htc")];
+    let names: Vec<&str> = sites.iter().map(String::as_str).collect();
+    delete_sites(&s.t, &s.sites, &names).await?;
+    let flavors: Api<DynamicObject> =
+        Api::all_with(client.clone(), &kueue_api("ResourceFlavor", "resourceflavors"));
+    let local = format!("{ns}-local");
+    flavors.delete(&local, &DeleteParams::default()).await?;
+    for name in [
+        local,
+        format!("offload-{}", sites[0]),
+        format!("offload-{}", sites[1]),
+    ] {
+        wait::until(&format!("ResourceFlavor {name} gone"), TIMEOUT, || async {
+            Ok::<_, kube::Error>(flavors.get_opt(&name).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 async fn run(s: &Scenario) -> anyhow::Result<()> {
     let client = s.t.client.clone();
     // The operator's identity may write flavors (the chart grants the same with kueue.enabled).
-    let out = s
-        .t
-        .cluster
-        .kubectl()
-        .args(["apply", "-f"])
-        .arg(offload_e2e::cluster::repo_root().join("e2e/testdata/operator-rbac-kueue.yaml"))
-        .output()?;
-    ensure!(out.status.success(), "RBAC: {}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        s.t.cluster
+            .kubectl()
+            .args(["apply", "-f"])
+            .arg(offload_e2e::cluster::repo_root().join("e2e/testdata/operator-rbac-kueue.yaml"))
+            .output()?;
+    ensure!(
+        out.status.success(),
+        "RBAC: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let big = json!({"cpu": "4", "memory": "16Gi", "pods": 20});
     let hpc_sim = s.site(site_builder("hpc").set("capacity", big.clone())).await?;
@@ -66,10 +133,14 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
     let (hpc, htc) = (s.name("hpc"), s.name("htc"));
 
     // The operator's flavors.
-    let flavors: Api<DynamicObject> = Api::all_with(client.clone(), &kueue_api("ResourceFlavor", "resourceflavors"));
+    let flavors: Api<DynamicObject> =
+        Api::all_with(client.clone(), &kueue_api("ResourceFlavor", "resourceflavors"));
     for site in [&hpc, &htc] {
         let name = format!("offload-{site}");
-        let f = wait::until(&format!("ResourceFlavor {name}"), TIMEOUT, || async { flavors.get_opt(&name).await }).await?;
+        let f = wait::until(&format!("ResourceFlavor {name}"), TIMEOUT, || async {
+            flavors.get_opt(&name).await
+        })
+        .await?;
         ensure!(
             f.data["spec"]["nodeLabels"]["offload.dev/site"] == site.as_str(),
             "flavor {name}: {}",
@@ -85,13 +156,13 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         .patch(
             &local,
             &apply,
-            &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
-                "metadata": {"name": local}, "spec": {"nodeLabels": {"offload.dev/e2e-local": s.t.name}}})),
+            &Patch::Apply(
+                json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+                "metadata": {"name": local}, "spec": {"nodeLabels": {"offload.dev/e2e-local": s.t.name}}}),
+            ),
         )
         .await?;
-    let quota = |flavor: &str, cpu: &str| {
-        json!({"name": flavor, "resources": [{"name": "cpu", "nominalQuota": cpu}, {"name": "memory", "nominalQuota": "64Gi"}]})
-    };
+    let quota = |flavor: &str, cpu: &str| json!({"name": flavor, "resources": [{"name": "cpu", "nominalQuota": cpu}, {"name": "memory", "nominalQuota": "64Gi"}]});
     let cq = format!("{}-cq", s.t.name);
     let cqs: Api<DynamicObject> = Api::all_with(client.clone(), &kueue_api("ClusterQueue", "clusterqueues"));
     cqs.patch(
@@ -103,12 +174,15 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
                 "flavors": [quota(&local, "2"), quota(&format!("offload-{hpc}"), "2"), quota(&format!("offload-{htc}"), "2")]}]}})),
     )
     .await?;
-    let lqs: Api<DynamicObject> = Api::namespaced_with(client.clone(), &s.t.name, &kueue_api("LocalQueue", "localqueues"));
+    let lqs: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &s.t.name, &kueue_api("LocalQueue", "localqueues"));
     lqs.patch(
         "lq",
         &apply,
-        &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-            "metadata": {"name": "lq", "namespace": s.t.name}, "spec": {"clusterQueue": cq}})),
+        &Patch::Apply(
+            json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+            "metadata": {"name": "lq", "namespace": s.t.name}, "spec": {"clusterQueue": cq}}),
+        ),
     )
     .await?;
 
@@ -123,7 +197,9 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
                     "command": ["sh", "-c", "echo queued by kueue"],
                     "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}}}
         }))?;
-        jobs.create(&pp, &job).await.with_context(|| format!("creating job-{i}"))?;
+        jobs.create(&pp, &job)
+            .await
+            .with_context(|| format!("creating job-{i}"))?;
         let name = format!("job-{i}");
         // Kueue's webhook suspends it at creation.
         let created = jobs.get(&name).await?;
@@ -132,7 +208,7 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
             "Kueue's webhook did not suspend {name}"
         );
         wait::until(&format!("{name} admitted"), TIMEOUT, || async {
-            Ok::<_, anyhow::Error>(admitted_flavor(&client, &s.t.name, &name).await?)
+            admitted_flavor(&client, &s.t.name, &name).await
         })
         .await?;
     }
@@ -141,7 +217,9 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
     let mut by_flavor: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for i in 0..6 {
         let name = format!("job-{i}");
-        let flavor = admitted_flavor(&client, &s.t.name, &name).await?.context("not admitted")?;
+        let flavor = admitted_flavor(&client, &s.t.name, &name)
+            .await?
+            .context("not admitted")?;
         by_flavor.entry(flavor).or_default().push(name);
     }
     eprintln!("admitted: {by_flavor:?}");
@@ -153,7 +231,10 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
             && by_flavor.get(&htc_flavor).map(Vec::len) == Some(2),
         "expected 2 local, 2 hpc, 2 htc: {by_flavor:?}"
     );
-    ensure!(by_flavor[&local] == ["job-0", "job-1"], "the first jobs did not fill the local quota: {by_flavor:?}");
+    ensure!(
+        by_flavor[&local] == ["job-0", "job-1"],
+        "the first jobs did not fill the local quota: {by_flavor:?}"
+    );
 
     // The site flavors' Jobs complete at the sites; their pods ran on the sites' Nodes.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &s.t.name);
@@ -170,10 +251,20 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
                 Ok::<_, kube::Error>(done.then_some(()))
             })
             .await?;
-            let list = pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await?;
+            let list = pods
+                .list(&ListParams::default().labels(&format!("job-name={name}")))
+                .await?;
             let pod = list.items.first().context("the Job's pod is gone")?;
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
-            ensure!(node == format!("offload-{site}"), "{} ran on {node}", pod.name_any());
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            ensure!(
+                node == format!("offload-{site}"),
+                "{} ran on {node}",
+                pod.name_any()
+            );
         }
     }
     ensure!(
@@ -183,9 +274,13 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
     exactly_once(&[hpc_sim.stats(), htc_sim.stats()], 4)?;
     // The local ones are admitted but have no node: they wait, unbound.
     for name in &by_flavor[&local] {
-        let list = pods.list(&ListParams::default().labels(&format!("job-name={name}"))).await?;
+        let list = pods
+            .list(&ListParams::default().labels(&format!("job-name={name}")))
+            .await?;
         ensure!(
-            list.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_none()),
+            list.items
+                .iter()
+                .all(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_none()),
             "a local-flavor pod was bound to a node"
         );
     }
@@ -194,7 +289,8 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
 
 /// The flavor the Job's Workload was admitted on (its cpu), once it is.
 async fn admitted_flavor(client: &kube::Client, ns: &str, job: &str) -> anyhow::Result<Option<String>> {
-    let workloads: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &kueue_api("Workload", "workloads"));
+    let workloads: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &kueue_api("Workload", "workloads"));
     for w in workloads.list(&ListParams::default()).await?.items {
         let owner = w.metadata.owner_references.clone().unwrap_or_default();
         if !owner.iter().any(|o| o.kind == "Job" && o.name == job) {

@@ -30,7 +30,10 @@ const MANAGER: &str = "offload-operator";
 
 /// The ResourceFlavor API.
 pub fn flavor_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, "ResourceFlavor"), "resourceflavors")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, VERSION, "ResourceFlavor"),
+        "resourceflavors",
+    )
 }
 
 /// The name of a site's flavor: its virtual Node's name (`offload-<site>`).
@@ -86,7 +89,10 @@ async fn apply(ctx: &Context, api: &Api<DynamicObject>, site: &OffloadSite) {
     let name = site.name_any();
     let desired = flavor(&name, site.metadata.uid.as_deref().unwrap_or_default());
     let params = PatchParams::apply(MANAGER).force();
-    match api.patch(&flavor_name(&name), &params, &Patch::Apply(&desired)).await {
+    match api
+        .patch(&flavor_name(&name), &params, &Patch::Apply(&desired))
+        .await
+    {
         Ok(_) => tracing::debug!(site = %name, "Kueue ResourceFlavor applied"),
         Err(e) => {
             ctx.metrics
