@@ -2,7 +2,8 @@
 //! (`--kueue`) keeps one ResourceFlavor per site; a ClusterQueue gives quota on a local flavor and
 //! on two site flavors; of six Jobs, the first fill the local quota and the rest are admitted on
 //! the site flavors, whose pods kube-scheduler binds to the sites' virtual Nodes and the operator
-//! runs at the simulated sites.
+//! runs at the simulated sites. The operator's AdmissionCheck (`offload.dev/site-capacity`) lets
+//! those through and rejects, with the reason, a Job its site could never run.
 //!
 //! Alone in its binary: Kueue's Job webhook is cluster-wide while it runs.
 
@@ -92,6 +93,11 @@ async fn cleanup(s: &Scenario) -> anyhow::Result<()> {
         Ok::<_, kube::Error>(cqs.get_opt(&cq).await?.is_none().then_some(()))
     })
     .await?;
+    let acs: Api<DynamicObject> =
+        Api::all_with(client.clone(), &kueue_api("AdmissionCheck", "admissionchecks"));
+    let _ = acs
+        .delete(&format!("{ns}-site-capacity"), &DeleteParams::default())
+        .await;
     let sites = [s.name("hpc"), s.name("htc")];
     let names: Vec<&str> = sites.iter().map(String::as_str).collect();
     delete_sites(&s.t, &s.sites, &names).await?;
@@ -163,6 +169,28 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         )
         .await?;
     let quota = |flavor: &str, cpu: &str| json!({"name": flavor, "resources": [{"name": "cpu", "nominalQuota": cpu}, {"name": "memory", "nominalQuota": "64Gi"}]});
+    // The operator's AdmissionCheck: Kueue admits on a site's flavor only once the site can run
+    // the pods; the operator marks the check Active.
+    let check = format!("{}-site-capacity", s.t.name);
+    let acs: Api<DynamicObject> =
+        Api::all_with(client.clone(), &kueue_api("AdmissionCheck", "admissionchecks"));
+    acs.patch(
+        &check,
+        &apply,
+        &Patch::Apply(
+            json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "AdmissionCheck",
+            "metadata": {"name": check}, "spec": {"controllerName": "offload.dev/site-capacity"}}),
+        ),
+    )
+    .await?;
+    wait::until("the AdmissionCheck Active", TIMEOUT, || async {
+        let ac = acs.get(&check).await?;
+        let active = ac.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Active" && c["status"] == "True"));
+        Ok::<_, kube::Error>(active.then_some(()))
+    })
+    .await?;
     let cq = format!("{}-cq", s.t.name);
     let cqs: Api<DynamicObject> = Api::all_with(client.clone(), &kueue_api("ClusterQueue", "clusterqueues"));
     cqs.patch(
@@ -171,7 +199,9 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
             "metadata": {"name": cq},
             "spec": {"namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu", "memory"],
-                "flavors": [quota(&local, "2"), quota(&format!("offload-{hpc}"), "2"), quota(&format!("offload-{htc}"), "2")]}]}})),
+                "flavors": [quota(&local, "2"), quota(&format!("offload-{hpc}"), "2"), quota(&format!("offload-{htc}"), "16")]}],
+                "admissionChecksStrategy": {"admissionChecks": [{"name": check,
+                    "onFlavors": [format!("offload-{hpc}"), format!("offload-{htc}")]}]}}})),
     )
     .await?;
     let lqs: Api<DynamicObject> =
@@ -272,6 +302,46 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         "each site should have run two pods"
     );
     exactly_once(&[hpc_sim.stats(), htc_sim.stats()], 4)?;
+    // A Job too big for its site: Kueue has quota for it on htc's flavor (16 CPUs), but the site
+    // has 4. The operator's check rejects it with the reason; it never runs.
+    let big: Job = serde_json::from_value(json!({
+        "metadata": {"name": "too-big", "labels": {"kueue.x-k8s.io/queue-name": "lq"}},
+        "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+            {"name": "main", "image": "busybox", "command": ["true"],
+             "resources": {"requests": {"cpu": "8", "memory": "1Gi"}}}]}}}
+    }))?;
+    jobs.create(&pp, &big).await?;
+    // Kueue deactivates a Workload whose check was rejected and says why in a Warning Event
+    // (`AdmissionCheckRejected`, with the check's message: `kubectl get events`); the check's own
+    // state is reset with the eviction.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &s.t.name);
+    let rejected = wait::until("too-big's check Rejected", TIMEOUT, || async {
+        let list = events
+            .list(&ListParams::default().fields("reason=AdmissionCheckRejected"))
+            .await?;
+        Ok::<_, kube::Error>(
+            list.items
+                .into_iter()
+                .find(|e| {
+                    e.involved_object
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.contains("too-big"))
+                })
+                .and_then(|e| e.message),
+        )
+    })
+    .await?;
+    eprintln!("too-big: Rejected: {rejected}");
+    ensure!(
+        rejected.contains("insufficient cpu") && rejected.contains(&htc),
+        "the rejection does not say why: {rejected}"
+    );
+    ensure!(
+        jobs.get("too-big").await?.spec.and_then(|s| s.suspend) == Some(true),
+        "the rejected Job runs"
+    );
+
     // The local ones are admitted but have no node: they wait, unbound.
     for name in &by_flavor[&local] {
         let list = pods

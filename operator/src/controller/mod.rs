@@ -8,6 +8,7 @@
 //! | [`scheduler`] | any cache change, every few seconds | [`crate::placement`], [`scheduler::snapshot`] |
 //! | [`remote_job`] | RemoteJobs and their pods | [`remote_job::plan`] |
 //! | [`kueue`] | OffloadSites (with `--kueue`) | [`kueue::flavor`] |
+//! | [`site_capacity`] | Workloads with a pending `offload.dev/site-capacity` check (with `--kueue`) | [`site_capacity::check`] |
 //! | [`missed`] | unbound pods of the default scheduler (with the webhook on) | [`crate::webhook::decide::missed`] |
 
 pub mod backoff;
@@ -23,6 +24,7 @@ pub mod node;
 pub mod remote_job;
 pub mod scheduler;
 pub mod site;
+pub mod site_capacity;
 pub mod status_map;
 pub mod written;
 
@@ -188,5 +190,6 @@ pub async fn lead(ctx: Arc<Context>) {
         _ = lease::renew_forever(ctx.clone()) => {}
         _ = missed::run(ctx.clone()) => {}
         _ = kueue::run(ctx.clone()) => {}
+        _ = site_capacity::run(ctx.clone()) => {}
     }
 }
