@@ -341,6 +341,26 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         jobs.get("too-big").await?.spec.and_then(|s| s.suspend) == Some(true),
         "the rejected Job runs"
     );
+    let metrics = s.operator_get("/metrics").await?;
+    let decided = |state: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "offload_kueue_admission_checks_total{{state=\"{state}\"}} "
+                ))?
+                .trim()
+                .parse::<f64>()
+                .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    ensure!(
+        decided("Ready") >= 4.0 && decided("Rejected") >= 1.0,
+        "offload_kueue_admission_checks_total: Ready {}, Rejected {}",
+        decided("Ready"),
+        decided("Rejected")
+    );
 
     // The local ones are admitted but have no node: they wait, unbound.
     for name in &by_flavor[&local] {

@@ -128,7 +128,8 @@ pub struct RunArgs {
     #[arg(long, requires = "webhook_tls_cert")]
     pub webhook_tls_key: Option<PathBuf>,
     /// Keep one Kueue ResourceFlavor per OffloadSite (`offload-<site>`), so ClusterQueues can give
-    /// quota on sites (needs Kueue's CRDs and RBAC for resourceflavors; docs/kueue.md).
+    /// quota on sites, and answer AdmissionChecks of `offload.dev/site-capacity` (needs Kueue's
+    /// CRDs and the RBAC in docs/kueue.md).
     #[arg(long, env = "OFFLOAD_KUEUE")]
     pub kueue: bool,
 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub webhook_duration: HistogramVec,
     /// Pods that opted in but were created while the webhook could not answer (leader only).
     pub webhook_missed: prometheus::IntCounter,
+    /// Decisions of the Kueue AdmissionCheck `offload.dev/site-capacity`, by state.
+    pub admission_checks: IntCounterVec,
 }
 
 impl Metrics {
@@ -196,6 +198,14 @@ impl Metrics {
             "offload_webhook_missed_pods_total",
             "Pods that opted in to offloading but were created while the webhook could not answer",
         )?;
+        let admission_checks = IntCounterVec::new(
+            Opts::new(
+                "offload_kueue_admission_checks_total",
+                "Decisions of the Kueue AdmissionCheck offload.dev/site-capacity, by state",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(admission_checks.clone()))?;
         registry.register(Box::new(webhook_admissions.clone()))?;
         registry.register(Box::new(webhook_duration.clone()))?;
         registry.register(Box::new(webhook_missed.clone()))?;
@@ -241,6 +251,7 @@ impl Metrics {
             webhook_admissions,
             webhook_duration,
             webhook_missed,
+            admission_checks,
         })
     }
 

@@ -329,7 +329,11 @@ async fn review(ctx: &Context, workloads: &Api<DynamicObject>, ours: &[String], 
         .await
     {
         Ok(_) => {
-            tracing::info!(workload = %format!("{ns}/{}", w.name_any()), state = verdict.state(), message = verdict.message(), "site capacity check")
+            ctx.metrics
+                .admission_checks
+                .with_label_values(&[verdict.state()])
+                .inc();
+            tracing::info!(workload = %format!("{ns}/{}", w.name_any()), state = verdict.state(), message = verdict.message(), "site capacity check");
         }
         Err(e) => {
             tracing::warn!(workload = %format!("{ns}/{}", w.name_any()), error = %e, "cannot write the site capacity check")
