@@ -1,6 +1,6 @@
 //! Offload sites as Kueue capacity, with the real Kueue (v0.17, `e2e/bin/kueue-up`): the operator
 //! (`--kueue`) keeps one ResourceFlavor per site; a ClusterQueue gives quota on a local flavor and
-//! on two site flavors; of six Jobs, the first fill the local quota and the rest are admitted on
+//! on two site flavors; of ten Jobs, the first fill the local quota and the rest are admitted on
 //! the site flavors, whose pods kube-scheduler binds to the sites' virtual Nodes and the operator
 //! runs at the simulated sites. The operator's AdmissionCheck (`offload.dev/site-capacity`) lets
 //! those through and rejects, with the reason, a Job its site could never run.
@@ -199,7 +199,7 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
             "metadata": {"name": cq},
             "spec": {"namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu", "memory"],
-                "flavors": [quota(&local, "2"), quota(&format!("offload-{hpc}"), "2"), quota(&format!("offload-{htc}"), "16")]}],
+                "flavors": [quota(&local, "2"), quota(&format!("offload-{hpc}"), "4"), quota(&format!("offload-{htc}"), "16")]}],
                 "admissionChecksStrategy": {"admissionChecks": [{"name": check,
                     "onFlavors": [format!("offload-{hpc}"), format!("offload-{htc}")]}]}}})),
     )
@@ -216,13 +216,14 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
     )
     .await?;
 
-    // Six Jobs of one 1-CPU pod each, created one after the other (Kueue admits in order).
+    // Ten Jobs of one 1-CPU pod each, created one after the other (Kueue admits in order). Each
+    // runs 20 s at its site, so no quota is released while the others are created.
     let jobs: Api<Job> = Api::namespaced(client.clone(), &s.t.name);
-    for i in 0..6 {
+    for i in 0..10 {
         let job: Job = serde_json::from_value(json!({
             "metadata": {"name": format!("job-{i}"), "labels": {"kueue.x-k8s.io/queue-name": "lq"}},
             "spec": {"backoffLimit": 0, "template": {
-                "metadata": {"annotations": {"sitesim.offload.dev/duration-seconds": "1"}},
+                "metadata": {"annotations": {"sitesim.offload.dev/duration-seconds": "20"}},
                 "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox",
                     "command": ["sh", "-c", "echo queued by kueue"],
                     "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}}}
@@ -245,7 +246,7 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
 
     // Where each was admitted.
     let mut by_flavor: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for i in 0..6 {
+    for i in 0..10 {
         let name = format!("job-{i}");
         let flavor = admitted_flavor(&client, &s.t.name, &name)
             .await?
@@ -257,9 +258,9 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
     let htc_flavor = format!("offload-{htc}");
     ensure!(
         by_flavor.get(&local).map(Vec::len) == Some(2)
-            && by_flavor.get(&hpc_flavor).map(Vec::len) == Some(2)
-            && by_flavor.get(&htc_flavor).map(Vec::len) == Some(2),
-        "expected 2 local, 2 hpc, 2 htc: {by_flavor:?}"
+            && by_flavor.get(&hpc_flavor).map(Vec::len) == Some(4)
+            && by_flavor.get(&htc_flavor).map(Vec::len) == Some(4),
+        "expected 2 local, 4 hpc, 4 htc: {by_flavor:?}"
     );
     ensure!(
         by_flavor[&local] == ["job-0", "job-1"],
@@ -298,10 +299,10 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         }
     }
     ensure!(
-        hpc_sim.stats().creates_per_uid.len() == 2 && htc_sim.stats().creates_per_uid.len() == 2,
-        "each site should have run two pods"
+        hpc_sim.stats().creates_per_uid.len() == 4 && htc_sim.stats().creates_per_uid.len() == 4,
+        "each site should have run four pods"
     );
-    exactly_once(&[hpc_sim.stats(), htc_sim.stats()], 4)?;
+    exactly_once(&[hpc_sim.stats(), htc_sim.stats()], 8)?;
     // A Job too big for its site: Kueue has quota for it on htc's flavor (16 CPUs), but the site
     // has 4. The operator's check rejects it with the reason; it never runs.
     let big: Job = serde_json::from_value(json!({
@@ -356,7 +357,7 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     ensure!(
-        decided("Ready") >= 4.0 && decided("Rejected") >= 1.0,
+        decided("Ready") >= 8.0 && decided("Rejected") >= 1.0,
         "offload_kueue_admission_checks_total: Ready {}, Rejected {}",
         decided("Ready"),
         decided("Rejected")
