@@ -214,28 +214,28 @@ pub async fn run(ctx: Arc<Context>) {
     let checks: Api<DynamicObject> =
         Api::all_with(ctx.client.clone(), &api("AdmissionCheck", "admissionchecks"));
     let workloads: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &api("Workload", "workloads"));
-    let mut events = watcher(workloads.clone(), watcher::Config::default())
+    // One watch of Workloads feeds a store (for the periodic pass) and the event-driven pass; the
+    // list of our AdmissionChecks is refreshed on the tick, not per event.
+    let writer = kube::runtime::reflector::store::Writer::<DynamicObject>::new(api("Workload", "workloads"));
+    let store = writer.as_reader();
+    let mut events = kube::runtime::reflector(writer, watcher(workloads.clone(), watcher::Config::default()))
         .default_backoff()
         .applied_objects()
         .boxed();
+    let mut ours: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             ev = events.next() => match ev {
-                Some(Ok(w)) => {
-                    let ours = ours(&checks).await;
-                    review(&ctx, &workloads, &ours, &w).await;
-                }
+                Some(Ok(w)) => review(&ctx, &workloads, &ours, &w).await,
                 Some(Err(e)) => tracing::debug!(error = %e, "Workload watch (are Kueue's CRDs installed?)"),
                 None => return,
             },
             _ = tick.tick() => {
-                let ours = ours(&checks).await;
+                ours = list_ours(&checks).await;
                 activate(&checks, &ours).await;
-                if let Ok(list) = workloads.list(&Default::default()).await {
-                    for w in list.items {
-                        review(&ctx, &workloads, &ours, &w).await;
-                    }
+                for w in store.state() {
+                    review(&ctx, &workloads, &ours, &w).await;
                 }
             }
         }
@@ -243,7 +243,7 @@ pub async fn run(ctx: Arc<Context>) {
 }
 
 /// The names of the AdmissionChecks that name this controller.
-async fn ours(checks: &Api<DynamicObject>) -> Vec<String> {
+async fn list_ours(checks: &Api<DynamicObject>) -> Vec<String> {
     match checks.list(&Default::default()).await {
         Ok(l) => l
             .items
