@@ -64,23 +64,13 @@ impl Cluster {
 
     fn start() -> anyhow::Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("offload-e2e-{}", std::process::id()));
-        let script = repo_root().join("e2e/bin/cluster-up");
         eprintln!("e2e: starting a control plane in {}", dir.display());
-        let out = Command::new(&script)
-            .arg("--owner-pid")
-            .arg(std::process::id().to_string())
-            .arg(&dir)
-            .env("E2E_FAST_NODE_LIFECYCLE", "1")
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} failed ({}); see the messages above",
-                script.display(),
-                out.status
-            );
-        }
+        let pid = std::process::id().to_string();
+        run_script(
+            "cluster-up",
+            &["--owner-pid".as_ref(), pid.as_ref(), dir.as_os_str()],
+            &[("E2E_FAST_NODE_LIFECYCLE", "1")],
+        )?;
         Self::from_dir(&dir)
     }
 
@@ -169,23 +159,58 @@ impl Cluster {
 
     /// The last `lines` lines of every component's log, for a failing test's output.
     pub fn log_tails(&self, lines: usize) -> String {
-        let mut out = String::new();
-        for name in COMPONENTS {
-            let path = self.dir.join(format!("{name}.log"));
-            out.push_str(&format!("----- {} (last {lines} lines) -----\n", path.display()));
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let all: Vec<&str> = text.lines().collect();
-                    for line in &all[all.len().saturating_sub(lines)..] {
-                        out.push_str(line);
-                        out.push('\n');
-                    }
-                }
-                Err(e) => out.push_str(&format!("(unreadable: {e})\n")),
-            }
-        }
-        out
+        log_tails(&self.dir, &COMPONENTS, lines)
     }
+}
+
+/// The last `lines` lines of `<dir>/<name>.log` for each of `names`, each under a header line.
+pub fn log_tails(dir: &Path, names: &[&str], lines: usize) -> String {
+    let mut out = String::new();
+    for name in names {
+        let path = dir.join(format!("{name}.log"));
+        out.push_str(&format!("----- {} (last {lines} lines) -----\n", path.display()));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                for line in &all[all.len().saturating_sub(lines)..] {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            Err(e) => out.push_str(&format!("(unreadable: {e})\n")),
+        }
+    }
+    out
+}
+
+/// Runs `e2e/bin/<name>` with `args` and `envs`, its messages going to this process's stderr;
+/// returns its stdout, or fails naming the script when it fails.
+pub fn run_script(name: &str, args: &[&std::ffi::OsStr], envs: &[(&str, &str)]) -> anyhow::Result<String> {
+    let script = repo_root().join("e2e/bin").join(name);
+    let out = Command::new(&script)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}); see the messages above",
+            script.display(),
+            out.status
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last line of `e2e/bin/<name>`'s output, which the build and install scripts make the folder
+/// (or file) they produced.
+pub fn script_last_line(name: &str) -> anyhow::Result<String> {
+    let out = run_script(name, &[], &[])?;
+    out.lines()
+        .last()
+        .map(|l| l.trim().to_string())
+        .ok_or_else(|| anyhow!("e2e/bin/{name} printed nothing"))
 }
 
 async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {

@@ -2,14 +2,12 @@
 //! with its CRDs and the webhooks of batch Jobs and its own objects. Started by the test that needs
 //! it and stopped by [`Kueue::down`], or by a reaper when the test binary exits.
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
+use std::path::PathBuf;
+
+use crate::{
+    Cluster,
+    cluster::{log_tails, run_script},
 };
-
-use anyhow::{Context, bail};
-
-use crate::{Cluster, cluster::repo_root};
 
 /// A running Kueue.
 #[derive(Debug, Clone)]
@@ -22,27 +20,13 @@ pub struct Kueue {
 impl Kueue {
     /// Starts Kueue on `cluster` (`kueue-up --owner-pid <this process>`).
     pub fn up(cluster: &Cluster) -> anyhow::Result<Kueue> {
-        let script = repo_root().join("e2e/bin/kueue-up");
-        let out = Command::new(&script)
-            .arg("--owner-pid")
-            .arg(std::process::id().to_string())
-            .arg(&cluster.dir)
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} failed ({}); see the messages above",
-                script.display(),
-                out.status
-            );
-        }
-        let dir = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let pid = std::process::id().to_string();
+        let out = run_script(
+            "kueue-up",
+            &["--owner-pid".as_ref(), pid.as_ref(), cluster.dir.as_os_str()],
+            &[],
+        )?;
+        let dir = out.lines().last().unwrap_or_default().trim().to_string();
         Ok(Kueue {
             cluster_dir: cluster.dir.clone(),
             dir: PathBuf::from(dir),
@@ -51,19 +35,11 @@ impl Kueue {
 
     /// Stops it and unregisters its webhooks (`kueue-down`).
     pub fn down(&self) -> anyhow::Result<()> {
-        let script = repo_root().join("e2e/bin/kueue-down");
-        let status = Command::new(&script)
-            .arg(&self.cluster_dir)
-            .stderr(Stdio::inherit())
-            .status()?;
-        anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
-        Ok(())
+        run_script("kueue-down", &[self.cluster_dir.as_os_str()], &[]).map(drop)
     }
 
     /// The last `lines` lines of Kueue's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join("kueue.log")).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tails(&self.dir, &["kueue"], lines)
     }
 }

@@ -13,7 +13,6 @@ use anyhow::{Context, anyhow, bail, ensure};
 use serde_json::Value;
 
 use crate::{
-    cluster::repo_root,
     operator::{free_port, http_get},
     wait,
 };
@@ -25,16 +24,9 @@ pub const JOB: &str = "offload-operator";
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = repo_root().join("e2e/bin/install-prometheus");
-        let out = std::process::Command::new(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        match (out.status.success(), text.lines().last()) {
-            (true, Some(dir)) => Ok(PathBuf::from(dir.trim())),
-            _ => Err(format!("{} failed ({})", script.display(), out.status)),
-        }
+        crate::cluster::script_last_line("install-prometheus")
+            .map(PathBuf::from)
+            .map_err(|e| format!("{e:#}"))
     })
     .clone()
     .map_err(|e| anyhow!(e))

@@ -5,12 +5,15 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::{Cluster, cluster::repo_root};
+use crate::{
+    Cluster,
+    cluster::{log_tails, repo_root, run_script},
+};
 
 /// The processes of the node, whose logs are `<dir>/<name>.log`.
 pub const COMPONENTS: [&str; 4] = ["containerd", "kubelet", "kube-proxy", "api-forward"];
@@ -42,18 +45,12 @@ impl RealNode {
     /// Starts the node on `cluster` (`node-up`); it is stopped by [`RealNode::down`], or by a
     /// reaper when this test binary exits.
     pub fn up(cluster: &Cluster) -> anyhow::Result<RealNode> {
-        let script = repo_root().join("e2e/bin/node-up");
-        let status = Command::new(&script)
-            .arg("--owner-pid")
-            .arg(std::process::id().to_string())
-            .arg(&cluster.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .status()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !status.success() {
-            bail!("{} failed ({status}); see the messages above", script.display());
-        }
+        let pid = std::process::id().to_string();
+        run_script(
+            "node-up",
+            &["--owner-pid".as_ref(), pid.as_ref(), cluster.dir.as_os_str()],
+            &[],
+        )?;
         Self::from_dir(&cluster.dir)
     }
 
@@ -107,32 +104,12 @@ impl RealNode {
 
     /// Stops the node and removes what it made (`node-down`).
     pub fn down(&self) -> anyhow::Result<()> {
-        let script = repo_root().join("e2e/bin/node-down");
-        let status = Command::new(&script)
-            .arg(&self.cluster_dir)
-            .stderr(Stdio::inherit())
-            .status()
-            .with_context(|| format!("running {}", script.display()))?;
-        anyhow::ensure!(status.success(), "{} failed ({status})", script.display());
-        Ok(())
+        run_script("node-down", &[self.cluster_dir.as_os_str()], &[]).map(drop)
     }
 
     /// The last `lines` lines of every node component's log, for a failing test's output.
     pub fn log_tails(&self, lines: usize) -> String {
-        let mut out = String::new();
-        for name in COMPONENTS {
-            let path = self.dir.join(format!("{name}.log"));
-            out.push_str(&format!("----- {} (last {lines} lines) -----\n", path.display()));
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let all: Vec<&str> = text.lines().collect();
-                    out.push_str(&all[all.len().saturating_sub(lines)..].join("\n"));
-                    out.push('\n');
-                }
-                Err(e) => out.push_str(&format!("(unreadable: {e})\n")),
-            }
-        }
-        out
+        log_tails(&self.dir, &COMPONENTS, lines)
     }
 }
 

@@ -43,7 +43,7 @@ async fn jobs_admitted_on_site_flavors_run_at_the_sites() {
         let kueue = tokio::task::spawn_blocking(move || Kueue::up(cluster)).await??;
         let result = run(&s).await;
         if result.is_err() {
-            eprintln!("----- kueue.log -----\n{}", kueue.log_tail(60));
+            eprintln!("{}", kueue.log_tail(60));
         }
         // Everything Kueue puts finalizers on goes while it still runs.
         let cleanup = cleanup(&s).await;

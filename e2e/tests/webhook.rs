@@ -9,7 +9,7 @@
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::{
@@ -31,73 +31,6 @@ use offload_e2e::{
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A CA and a serving certificate for 127.0.0.1 (openssl, as cluster-up makes its PKI).
-fn certificates(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("openssl").args(args).current_dir(dir).output()?;
-        ensure!(
-            out.status.success(),
-            "openssl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=offload-e2e-webhook-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ])?;
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "tls.key",
-        "-out",
-        "tls.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ])?;
-    std::fs::write(
-        dir.join("tls.ext"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )?;
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "tls.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "tls.ext",
-    ])
-}
 
 /// The chart's two webhook entries, for one namespace, calling `base` (the operator's URL).
 fn configuration(
@@ -168,11 +101,12 @@ fn scheduler_of(pod: &Pod) -> String {
 async fn pods_opt_in_by_annotation_or_namespace_label_through_the_webhook() {
     let cluster = Cluster::shared().expect("a control plane");
     let dir = cluster.dir.join(format!("webhook-{}", std::process::id()));
-    certificates(&dir).expect("certificates");
+    // A CA and a serving certificate for 127.0.0.1 (the test PKI the simulator's TLS tests use).
+    let (ca_file, tls) = offload_e2e::pki::make_tls(&dir);
     let port = free_port().expect("a port");
     let addr = format!("127.0.0.1:{port}");
-    let cert = dir.join("tls.crt").to_string_lossy().into_owned();
-    let key = dir.join("tls.key").to_string_lossy().into_owned();
+    let cert = tls.cert.to_string_lossy().into_owned();
+    let key = tls.key.to_string_lossy().into_owned();
     let args = [
         "--webhook-addr",
         &addr,
@@ -184,7 +118,7 @@ async fn pods_opt_in_by_annotation_or_namespace_label_through_the_webhook() {
     Scenario::run_with("webhook", &args, |s| async move {
         let configs: Api<MutatingWebhookConfiguration> = Api::all(s.t.client.clone());
         let config_name = format!("offload-e2e-{}", s.t.name);
-        let ca = std::fs::read(dir.join("ca.crt"))?;
+        let ca = std::fs::read(&ca_file)?;
         let base = format!("https://127.0.0.1:{port}");
         configs
             .create(

@@ -218,7 +218,7 @@ pub async fn run(ctx: Arc<Context>) {
     // list of our AdmissionChecks is refreshed on the tick, not per event.
     let writer = kube::runtime::reflector::store::Writer::<DynamicObject>::new(api("Workload", "workloads"));
     let store = writer.as_reader();
-    let mut events = kube::runtime::reflector(writer, watcher(workloads.clone(), watcher::Config::default()))
+    let mut events = kube::runtime::reflector(writer, watcher(workloads, watcher::Config::default()))
         .default_backoff()
         .applied_objects()
         .boxed();
@@ -227,7 +227,7 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         tokio::select! {
             ev = events.next() => match ev {
-                Some(Ok(w)) => review(&ctx, &workloads, &ours, &w).await,
+                Some(Ok(w)) => review(&ctx, &ours, &w).await,
                 Some(Err(e)) => tracing::debug!(error = %e, "Workload watch (are Kueue's CRDs installed?)"),
                 None => return,
             },
@@ -235,7 +235,7 @@ pub async fn run(ctx: Arc<Context>) {
                 ours = list_ours(&checks).await;
                 activate(&checks, &ours).await;
                 for w in store.state() {
-                    review(&ctx, &workloads, &ours, &w).await;
+                    review(&ctx, &ours, &w).await;
                 }
             }
         }
@@ -284,7 +284,7 @@ async fn activate(checks: &Api<DynamicObject>, ours: &[String]) {
 }
 
 /// Decides and writes the state of our checks that are `Pending` on a Workload with quota.
-async fn review(ctx: &Context, workloads: &Api<DynamicObject>, ours: &[String], w: &DynamicObject) {
+async fn review(ctx: &Context, ours: &[String], w: &DynamicObject) {
     if w.data["status"]["admission"].is_null() {
         return;
     }
@@ -315,11 +315,8 @@ async fn review(ctx: &Context, workloads: &Api<DynamicObject>, ours: &[String], 
         "metadata": {"name": w.name_any(), "namespace": ns},
         "status": {"admissionChecks": states}
     });
-    let namespaced: Api<DynamicObject> = Api::namespaced_with(
-        workloads.clone().into_client(),
-        &ns,
-        &api("Workload", "workloads"),
-    );
+    let namespaced: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &ns, &api("Workload", "workloads"));
     match namespaced
         .patch_status(
             &w.name_any(),
