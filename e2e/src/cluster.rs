@@ -222,7 +222,13 @@ async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
 
 /// The workspace root (this crate lives in `<root>/e2e`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // At run time first: cargo sets it for the test binaries it runs, and the compile-time value
+    // is stale when a cached build of this crate was made in another checkout (CI's clones share
+    // one target folder and reuse a library whose sources did not change).
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))

@@ -342,6 +342,25 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
         jobs.get("too-big").await?.spec.and_then(|s| s.suspend) == Some(true),
         "the rejected Job runs"
     );
+    // What a user sees: `kubectl describe workload` shows the Workload deactivated by the check
+    // and the check's reason among its Events.
+    let workload = workload_of(&client, &s.t.name, "too-big")
+        .await?
+        .context("too-big has no Workload")?;
+    let out =
+        s.t.cluster
+            .kubectl()
+            .args(["describe", "workload", "-n", &s.t.name, &workload])
+            .output()?;
+    let described = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success()
+            && described.contains("DeactivatedDueToAdmissionCheck")
+            && described.contains("AdmissionCheckRejected")
+            && described.contains(&rejected),
+        "kubectl describe workload {workload} does not show the rejection ({}):\n{described}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let metrics = s.operator_get("/metrics").await?;
     let decided = |state: &str| {
         metrics
@@ -380,15 +399,32 @@ async fn run(s: &Scenario) -> anyhow::Result<()> {
 
 /// The flavor the Job's Workload was admitted on (its cpu), once it is.
 async fn admitted_flavor(client: &kube::Client, ns: &str, job: &str) -> anyhow::Result<Option<String>> {
+    Ok(owned_workload(client, ns, job).await?.and_then(|w| {
+        w.data["status"]["admission"]["podSetAssignments"][0]["flavors"]["cpu"]
+            .as_str()
+            .map(String::from)
+    }))
+}
+
+/// The name of the Workload Kueue made for the Job.
+async fn workload_of(client: &kube::Client, ns: &str, job: &str) -> anyhow::Result<Option<String>> {
+    Ok(owned_workload(client, ns, job).await?.map(|w| w.name_any()))
+}
+
+async fn owned_workload(client: &kube::Client, ns: &str, job: &str) -> anyhow::Result<Option<DynamicObject>> {
     let workloads: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &kueue_api("Workload", "workloads"));
-    for w in workloads.list(&ListParams::default()).await?.items {
-        let owner = w.metadata.owner_references.clone().unwrap_or_default();
-        if !owner.iter().any(|o| o.kind == "Job" && o.name == job) {
-            continue;
-        }
-        let flavor = w.data["status"]["admission"]["podSetAssignments"][0]["flavors"]["cpu"].as_str();
-        return Ok(flavor.map(String::from));
-    }
-    Ok(None)
+    Ok(workloads
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|w| {
+            w.metadata
+                .owner_references
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.kind == "Job" && o.name == job)
+        }))
 }
