@@ -13,11 +13,13 @@ COPY Cargo.toml Cargo.lock ./
 COPY operator operator
 COPY e2e e2e
 RUN cargo build --release --locked -p offload-operator \
- && strip target/release/offload-operator
+ && strip target/release/offload-operator target/release/offload-stage
 
 # distroless/cc: glibc, libgcc, CA certificates, /etc/passwd with `nonroot` (65532), no shell.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/offload-operator /usr/bin/offload-operator
+# The stage tool RemoteJob pods with inputs or outputs run (ADR 0014).
+COPY --from=build /src/target/release/offload-stage /usr/bin/offload-stage
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 USER 65532:65532
 ENTRYPOINT ["/usr/bin/offload-operator"]

@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_BIN := e2e/bin
 
-.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus chart-check cluster-up cluster-down \
+.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus seaweedfs chart-check cluster-up cluster-down \
 	node kueue image demo demo-down bench-e2e bench-compare bench-scale interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
@@ -41,6 +41,9 @@ node: control-plane ## build (once) the real node's kubelet, kube-proxy, contain
 kueue: ## build (once) Kueue's controller manager, with its CRDs and webhook manifests, into the cache folder
 	$(E2E_BIN)/build-kueue >/dev/null
 
+seaweedfs: ## build (once) SeaweedFS, the S3-compatible store of the data tests, into the cache folder
+	$(E2E_BIN)/build-seaweedfs >/dev/null
+
 helm: ## build (once) Helm into the cache folder
 	$(E2E_BIN)/build-helm >/dev/null
 
@@ -59,9 +62,11 @@ chart-check: control-plane helm prometheus ## helm lint, renders dry-run on a re
 # Helm and Prometheus are for the chart and Prometheus tests. The operator image (make image) and a
 # real node (e2e/bin/build-node; node-up is started by the in_cluster test itself, node-down here
 # too in case the test binary died) are for the in-cluster install test. Kueue (e2e/bin/build-kueue;
-# kueue-up is started by the kueue test, kueue-down here too) is for the Kueue test.
+# kueue-up is started by the kueue test, kueue-down here too) is for the Kueue test. SeaweedFS
+# (e2e/bin/build-seaweedfs; s3-up is started by the data test, stopped by it or its reaper) is the
+# object store of the data test.
 INTERLINK_TEST := pods_and_remote_jobs_run_as_real_slurm_jobs
-e2e: control-plane helm prometheus build image node kueue ## end-to-end tests against a real control plane, a real node and the real interLink + Slurm chain
+e2e: control-plane helm prometheus build image node kueue seaweedfs ## end-to-end tests against a real control plane, a real node and the real interLink + Slurm chain
 	@dir=$$(mktemp -d /tmp/offload-e2e-make.XXXXXX); \
 	trap '$(E2E_BIN)/interlink-down "'"$$dir"'/interlink"; $(E2E_BIN)/kueue-down "'"$$dir"'"; $(E2E_BIN)/node-down "'"$$dir"'"; $(E2E_BIN)/cluster-down "'"$$dir"'"' EXIT; \
 	E2E_FAST_NODE_LIFECYCLE=1 $(E2E_BIN)/cluster-up "$$dir" >/dev/null; \

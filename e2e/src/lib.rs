@@ -21,6 +21,7 @@ pub mod operator;
 pub mod pki;
 pub mod prometheus;
 pub mod real_node;
+pub mod s3;
 pub mod scenario;
 pub mod wait;
 

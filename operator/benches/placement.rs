@@ -44,6 +44,7 @@ fn sites(n: usize) -> Vec<SiteSnapshot> {
                 }],
                 expected_wait_seconds: (i as i64 * 311) % 7200,
                 not_starting: false,
+                data: Default::default(),
             }
         })
         .collect()
@@ -75,6 +76,7 @@ fn main() {
             cost: 20,
             free_capacity: 30,
             gpu_fit: 10,
+            data_locality: 0,
         },
         ..Default::default()
     };

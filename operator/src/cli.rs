@@ -132,6 +132,10 @@ pub struct RunArgs {
     /// CRDs and the RBAC in docs/kueue.md).
     #[arg(long, env = "OFFLOAD_KUEUE")]
     pub kueue: bool,
+    /// Image of the stage tool (`offload-stage`) that RemoteJob pods with inputs or outputs run
+    /// as their first init container; the operator's own image ships it (ADR 0014).
+    #[arg(long, env = "OFFLOAD_STAGE_IMAGE", default_value = concat!("ghcr.io/offload-operator/offload-operator:", env!("CARGO_PKG_VERSION")))]
+    pub stage_image: String,
 }
 
 impl RunArgs {
@@ -294,6 +298,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
         webhook: webhook.is_some(),
         kueue: args.kueue,
+        stage_image: args.stage_image,
     };
     let ctx = controller::Context::start(client.clone(), settings, metrics, health);
     match (
@@ -397,16 +402,27 @@ fn explanation(decision: &crate::placement::Decision) -> String {
     if !decision.ranking.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
-            "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU", "WAIT(s)"
+            "\n{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>9}",
+            "SITE", "SCORE", "QUEUE", "COST", "FREE", "GPU", "DATA", "WAIT(s)", "STAGE(s)"
         );
         for r in &decision.ranking {
             let _ = writeln!(
                 out,
-                "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>8}",
-                r.site, r.score, r.queue, r.cost, r.free_capacity, r.gpu_fit, r.expected_wait_seconds
+                "{:<32} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>9}",
+                r.site,
+                r.score,
+                r.queue,
+                r.cost,
+                r.free_capacity,
+                r.gpu_fit,
+                r.data,
+                r.expected_wait_seconds,
+                r.stage_in_seconds
             );
         }
+    }
+    if let Some(other) = &decision.chosen_without_data {
+        let _ = writeln!(out, "without the data-locality score: {other}");
     }
     if !decision.rejected.is_empty() {
         let _ = writeln!(out, "\nrejected:");

@@ -52,6 +52,13 @@ pub struct Metrics {
     pub webhook_missed: prometheus::IntCounter,
     /// Decisions of the Kueue AdmissionCheck `offload.dev/site-capacity`, by state.
     pub admission_checks: IntCounterVec,
+    /// Bytes RemoteJob attempts staged in and out, by site and direction (`in`, `out`).
+    pub data_staged_bytes: IntCounterVec,
+    /// Time the stage-in step of RemoteJob attempts took, by site.
+    pub stage_in_duration: HistogramVec,
+    /// Placements the data-locality score changed (the site differs from the one the other
+    /// scores alone chose), by chosen site.
+    pub data_placements_changed: IntCounterVec,
 }
 
 impl Metrics {
@@ -206,6 +213,31 @@ impl Metrics {
             &["state"],
         )?;
         registry.register(Box::new(admission_checks.clone()))?;
+        let data_staged_bytes = IntCounterVec::new(
+            Opts::new(
+                "offload_data_staged_bytes_total",
+                "Bytes RemoteJob attempts staged in and out, by site and direction",
+            ),
+            &["site", "direction"],
+        )?;
+        let stage_in_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "offload_stage_in_duration_seconds",
+                "Time the stage-in step of RemoteJob attempts took, by site",
+            )
+            .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0]),
+            &["site"],
+        )?;
+        let data_placements_changed = IntCounterVec::new(
+            Opts::new(
+                "offload_data_locality_placements_changed_total",
+                "Placements the data-locality score moved to another site, by chosen site",
+            ),
+            &["site"],
+        )?;
+        registry.register(Box::new(data_staged_bytes.clone()))?;
+        registry.register(Box::new(stage_in_duration.clone()))?;
+        registry.register(Box::new(data_placements_changed.clone()))?;
         registry.register(Box::new(webhook_admissions.clone()))?;
         registry.register(Box::new(webhook_duration.clone()))?;
         registry.register(Box::new(webhook_missed.clone()))?;
@@ -252,6 +284,9 @@ impl Metrics {
             webhook_duration,
             webhook_missed,
             admission_checks,
+            data_staged_bytes,
+            stage_in_duration,
+            data_placements_changed,
         })
     }
 

@@ -178,17 +178,70 @@ async fn run_container(
     Some(code)
 }
 
+/// The container's emptyDir mounts as (mount path, folder under the pod's `root/`): processes
+/// have no mount namespace here, so paths under a mount path are rewritten to that folder.
+fn empty_dirs(spec: &RunSpec, request: &PodCreateRequests, c: &Container) -> Vec<(String, PathBuf)> {
+    let volumes = request
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| volumes.iter().any(|v| v.name == m.name && v.empty_dir.is_some()))
+        .map(|m| {
+            let path = m.mount_path.trim_end_matches('/').to_string();
+            (path.clone(), spec.dir.join("root").join(relative(&path)))
+        })
+        .collect()
+}
+
+/// `value` with a leading emptyDir mount path replaced by its folder.
+fn rewrite(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    for (path, dir) in mounts {
+        if value == path {
+            return dir.display().to_string();
+        }
+        if let Some(rest) = value.strip_prefix(&format!("{path}/")) {
+            return dir.join(rest).display().to_string();
+        }
+    }
+    value.to_string()
+}
+
+/// PATH for containers: the workspace's binaries first (the images' tools, such as the operator's
+/// `offload-stage`, are the ones built beside this binary), then the simulator's own PATH.
+fn container_path() -> String {
+    let mut dirs: Vec<String> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // <target>/<profile>/offload-sitesim, or <target>/<profile>/deps/<test binary>.
+        for dir in exe.ancestors().skip(1).take(2) {
+            dirs.push(dir.display().to_string());
+        }
+    }
+    dirs.push(std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()));
+    dirs.join(":")
+}
+
 /// Starts the container's command as a process: `command` + `args` (a container without a command
 /// runs its `args`, as there is no image entrypoint here), env resolved, stdout and stderr to the
-/// container's log file, working directory the pod's folder.
+/// container's log file, working directory the pod's folder. emptyDir mounts are folders under the
+/// pod's `root/` and paths under their mount paths in the command and env point there.
 fn spawn(
     spec: &RunSpec,
     request: &PodCreateRequests,
     c: &Container,
     log: &Path,
 ) -> Result<tokio::process::Child, String> {
+    let mounts = empty_dirs(spec, request, c);
+    for (_, dir) in &mounts {
+        std::fs::create_dir_all(dir).map_err(|e| format!("emptyDir {}: {e}", dir.display()))?;
+    }
     let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
+    let argv: Vec<String> = argv.iter().map(|a| rewrite(a, &mounts)).collect();
     let Some((program, args)) = argv.split_first() else {
         return Err("the container has no command or args (the simulator has no images)".into());
     };
@@ -198,13 +251,17 @@ fn spawn(
     cmd.args(args)
         .current_dir(&spec.dir)
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
-        )
+        .env("PATH", container_path())
         .env("HOME", &spec.dir)
         .env("SITESIM_ROOT", spec.dir.join("root"))
-        .envs(resolve_env(request, c.env.as_deref().unwrap_or_default()))
+        .envs(
+            resolve_env(request, c.env.as_deref().unwrap_or_default())
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = rewrite(&v, &mounts);
+                    (k, v)
+                }),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
@@ -370,6 +427,24 @@ fn fail_all(state: &State, uid: &str, reason: &str, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::relative;
+
+    #[test]
+    fn paths_under_an_empty_dir_mount_are_rewritten() {
+        let mounts = vec![(
+            "/offload".to_string(),
+            std::path::PathBuf::from("/pod/root/offload"),
+        )];
+        assert_eq!(super::rewrite("/offload", &mounts), "/pod/root/offload");
+        assert_eq!(
+            super::rewrite("/offload/bin/offload-stage", &mounts),
+            "/pod/root/offload/bin/offload-stage"
+        );
+        assert_eq!(super::rewrite("/offloads", &mounts), "/offloads");
+        assert_eq!(
+            super::rewrite("model=http://x/b/k", &mounts),
+            "model=http://x/b/k"
+        );
+    }
 
     #[test]
     fn mount_paths_cannot_escape() {

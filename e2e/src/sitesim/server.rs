@@ -441,6 +441,13 @@ async fn create(AxState(app): AxState<App>, body: Bytes) -> Response {
     let dir = app.config.work_dir.join(&uid);
     let mut inner = app.state.lock();
     *inner.stats.creates_per_uid.entry(uid.clone()).or_default() += 1;
+    for secret in &request.secrets {
+        inner.stats.secrets_received.insert(format!(
+            "{}/{}",
+            secret.metadata.namespace.as_deref().unwrap_or_default(),
+            secret.metadata.name.as_deref().unwrap_or_default()
+        ));
+    }
     if let Some(existing) = inner.pods.get(&uid) {
         // A second submission of the same pod: counted above, answered with the same job.
         return Json(CreateStruct {

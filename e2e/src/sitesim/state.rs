@@ -42,6 +42,8 @@ pub struct Stats {
     pub pings: u64,
     /// Requests refused for a missing or wrong bearer token.
     pub unauthorized: u64,
+    /// `namespace/name` of every Secret a `/create` request carried.
+    pub secrets_received: std::collections::BTreeSet<String>,
 }
 
 impl Stats {

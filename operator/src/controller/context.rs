@@ -32,6 +32,8 @@ pub struct Settings {
     pub webhook: bool,
     /// Whether to keep a Kueue ResourceFlavor per site ([`super::kueue`]).
     pub kueue: bool,
+    /// Image of the stage tool for RemoteJob pods with data (ADR 0014).
+    pub stage_image: String,
 }
 
 /// What every controller shares: one client, one cache per kind (one watch each, the pod cache

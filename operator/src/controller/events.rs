@@ -52,6 +52,8 @@ pub enum Reason {
     Suspended,
     /// The job was resumed.
     Resumed,
+    /// The job waits for the RemoteJobs its `inputsFrom` names.
+    WaitingForInputs,
     /// The job succeeded.
     Completed,
     /// The job ran past its deadline.
@@ -62,7 +64,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason (for docs and tests).
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::SiteReady,
         Reason::SiteUnreachable,
         Reason::CredentialsMissing,
@@ -83,6 +85,7 @@ impl Reason {
         Reason::AttemptFailed,
         Reason::Suspended,
         Reason::Resumed,
+        Reason::WaitingForInputs,
         Reason::Completed,
         Reason::DeadlineExceeded,
         Reason::Failed,
@@ -111,6 +114,7 @@ impl Reason {
             Reason::AttemptFailed => "AttemptFailed",
             Reason::Suspended => "Suspended",
             Reason::Resumed => "Resumed",
+            Reason::WaitingForInputs => "WaitingForInputs",
             Reason::Completed => "Completed",
             Reason::DeadlineExceeded => "DeadlineExceeded",
             Reason::Failed => "Failed",
@@ -129,6 +133,7 @@ impl Reason {
                 | Reason::AttemptSucceeded
                 | Reason::Suspended
                 | Reason::Resumed
+                | Reason::WaitingForInputs
                 | Reason::Completed
         )
     }

@@ -125,6 +125,7 @@ pub fn check(
             namespace_labels: namespace_labels.clone(),
             requests,
             pinned_site: Some(site.clone()),
+            data: Vec::new(),
         };
         let policy = PolicyView {
             name: CONTROLLER_NAME.into(),
@@ -393,6 +394,7 @@ mod tests {
             gpus: vec![],
             expected_wait_seconds: 0,
             not_starting: false,
+            data: Default::default(),
         }
     }
 

@@ -19,3 +19,5 @@ pub const COMPLETE: &str = "Complete";
 pub const FAILED: &str = "Failed";
 /// RemoteJob: the job is suspended.
 pub const SUSPENDED: &str = "Suspended";
+/// RemoteJob: waiting for the RemoteJobs its `inputsFrom` names to succeed.
+pub const WAITING_FOR_INPUTS: &str = "WaitingForInputs";

@@ -11,6 +11,7 @@
 
 pub mod common;
 pub mod conditions;
+pub mod data;
 pub mod policy;
 pub mod reference;
 pub mod remote_job;
@@ -48,6 +49,9 @@ pub const ANNOTATION_TOKEN_EXPIRES: &str = "offload.dev/token-expires";
 /// Pod annotation: comma-separated sites the pod must not be placed at (set by the RemoteJob
 /// controller on a retry after site failures, so the retry fails over).
 pub const ANNOTATION_EXCLUDE_SITES: &str = "offload.dev/exclude-sites";
+/// Pod annotation set by the RemoteJob controller: the attempt's inputs and outputs as JSON (a
+/// list of `{name, endpoint, bucket, key, bytes, output}`), for placement near the data.
+pub const ANNOTATION_DATA: &str = "offload.dev/data";
 /// Pod label set by the RemoteJob controller: the UID of the RemoteJob that owns the pod.
 pub const LABEL_JOB_UID: &str = "offload.dev/remote-job-uid";
 /// Pod label set by the RemoteJob controller: the RemoteJob's name (when it fits in a label).

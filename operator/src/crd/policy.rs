@@ -135,6 +135,11 @@ pub struct Weights {
     #[serde(default = "default_gpu_weight")]
     #[schemars(range(min = 0, max = 100))]
     pub gpu_fit: i32,
+    /// Weight of a short estimated stage-in time: the bytes of the pod's inputs that are not local
+    /// to the site divided by the site's bandwidth to where they are (0 when all are local).
+    #[serde(default = "default_data_weight")]
+    #[schemars(range(min = 0, max = 100))]
+    pub data_locality: i32,
 }
 
 impl Default for Weights {
@@ -144,6 +149,7 @@ impl Default for Weights {
             cost: default_cost_weight(),
             free_capacity: default_capacity_weight(),
             gpu_fit: default_gpu_weight(),
+            data_locality: default_data_weight(),
         }
     }
 }
@@ -156,6 +162,9 @@ fn default_cost_weight() -> i32 {
 }
 fn default_capacity_weight() -> i32 {
     30
+}
+fn default_data_weight() -> i32 {
+    40
 }
 fn default_gpu_weight() -> i32 {
     10

@@ -12,7 +12,10 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::conditions_schema;
+use super::{
+    common::conditions_schema,
+    data::{Artifact, ArtifactStatus, InputFrom},
+};
 
 /// A job run at a remote site: the operator creates one pod per attempt from `template`, places it
 /// (by `policy`, or at the pinned `site`), retries failed attempts and fails over to another site
@@ -47,6 +50,10 @@ use super::common::conditions_schema;
     .message("template.spec.containers must list at least one container").field_path(".template.spec.containers"))]
 #[x_kube(validation = Rule::new("!has(self.template.spec) || !has(self.template.spec.restartPolicy) || self.template.spec.restartPolicy == 'Never'")
     .message("template.spec.restartPolicy must be Never (retries are the RemoteJob's job)").field_path(".template.spec.restartPolicy"))]
+#[x_kube(validation = Rule::new("!has(self.inputsFrom) || !has(self.inputs) || self.inputsFrom.all(f, !self.inputs.exists(i, i.name == f.name))")
+    .message("an inputsFrom entry has the name of an input: input names must be unique").field_path(".inputsFrom"))]
+#[x_kube(validation = Rule::new("!has(self.outputs) || size(self.outputs) == 0 || (has(self.template.spec) && size(self.template.spec.containers) > 0 && has(self.template.spec.containers[0].command))")
+    .message("with outputs, the first container must set command: the operator runs it under the stage tool, which uploads the outputs when it ends").field_path(".template.spec.containers"))]
 #[serde(rename_all = "camelCase")]
 pub struct RemoteJobSpec {
     /// The pod to run. The operator sets `schedulerName: offload-scheduler`, `restartPolicy: Never`,
@@ -99,6 +106,27 @@ pub struct RemoteJobSpec {
     /// While true, no attempt is created and a running attempt is deleted, as for Kubernetes Jobs.
     #[serde(default)]
     pub suspend: bool,
+
+    /// Objects the job reads: fetched to `/offload/inputs/<name>` before its containers start. A
+    /// missing one fails the job with reason `InputMissing`. Placement prefers sites where they
+    /// are local (`OffloadSite.spec.data`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub inputs: Vec<Artifact>,
+
+    /// Inputs that are other RemoteJobs' outputs: the job waits (condition `WaitingForInputs`)
+    /// until those have succeeded, then is placed seeing where their outputs are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub inputs_from: Vec<InputFrom>,
+
+    /// Objects the job writes: each file the first container leaves at `/offload/outputs/<name>`
+    /// is uploaded when it ends, whether it succeeded or failed, with its SHA-256; `status.outputs`
+    /// lists them. An upload that still fails after retries fails the attempt with reason
+    /// `OutputUploadFailed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub outputs: Vec<Artifact>,
 }
 
 fn default_retry_limit() -> i32 {
@@ -270,4 +298,14 @@ pub struct RemoteJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32768))]
     pub message: Option<String>,
+    /// The `inputsFrom` entries, resolved once their RemoteJobs succeeded (kept if those are
+    /// deleted later).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub inputs: Vec<ArtifactStatus>,
+    /// The outputs of the attempt that succeeded (or of the last one that failed), with size and
+    /// checksum.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub outputs: Vec<ArtifactStatus>,
 }

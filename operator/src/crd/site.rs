@@ -138,6 +138,12 @@ pub struct OffloadSiteSpec {
     /// When true, no new pods are placed here; pods already at the site keep running.
     #[serde(default)]
     pub cordoned: bool,
+
+    /// Where the site has its data: the object stores it reads at local speed, its bandwidth to
+    /// the others, and whether its pods reach them at all. Placement uses it for RemoteJobs with
+    /// inputs and outputs (docs/data.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<super::data::SiteData>,
 }
 
 fn default_cost() -> f64 {

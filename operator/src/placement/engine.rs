@@ -3,7 +3,7 @@
 use std::{cmp::Reverse, collections::BTreeMap};
 
 use super::{
-    Decision, GpuOffer, PodNeeds, PolicyView, Ranked, Rejection, Rejections, SiteSnapshot, selector,
+    Decision, GpuOffer, PodNeeds, PolicyView, Ranked, Rejection, Rejections, SiteSnapshot, data, selector,
 };
 use crate::crd::policy::Strategy;
 
@@ -23,6 +23,33 @@ pub fn place(pod: &PodNeeds, policy: &PolicyView, sites: &[SiteSnapshot], exclud
         }
     }
     let mut ranking = score(pod, policy, &feasible);
+    sort(&mut ranking, policy);
+    decision.chosen = ranking.first().map(|(r, _)| r.site.clone());
+    if !pod.data.is_empty() && policy.weights.data_locality > 0 {
+        // The same ranking with the data term taken out: did the data decide?
+        let mut without: Vec<(Ranked, &SiteSnapshot)> = ranking
+            .iter()
+            .map(|(r, s)| {
+                let mut r = r.clone();
+                r.score -= i64::from(policy.weights.data_locality) * r.data;
+                (r, *s)
+            })
+            .collect();
+        sort(&mut without, policy);
+        let other = without.first().map(|(r, _)| r.site.clone());
+        if other != decision.chosen {
+            decision.chosen_without_data = other;
+        }
+    }
+    if let Some((_, site)) = ranking.first() {
+        decision.gpu_models = gpu_models(pod, policy, site);
+    }
+    decision.ranking = ranking.into_iter().map(|(r, _)| r).collect();
+    decision
+}
+
+/// Orders scored sites by the policy's strategy, best first.
+fn sort(ranking: &mut [(Ranked, &SiteSnapshot)], policy: &PolicyView) {
     match policy.strategy {
         Strategy::BestScore => {
             ranking.sort_by(|a, b| (Reverse(a.0.score), &a.0.site).cmp(&(Reverse(b.0.score), &b.0.site)))
@@ -39,12 +66,6 @@ pub fn place(pod: &PodNeeds, policy: &PolicyView, sites: &[SiteSnapshot], exclud
             ranking.sort_by(|a, b| (position(&a.0.site), &a.0.site).cmp(&(position(&b.0.site), &b.0.site)));
         }
     }
-    decision.chosen = ranking.first().map(|(r, _)| r.site.clone());
-    if let Some((_, site)) = ranking.first() {
-        decision.gpu_models = gpu_models(pod, policy, site);
-    }
-    decision.ranking = ranking.into_iter().map(|(r, _)| r).collect();
-    decision
 }
 
 /// The first filter the site fails, or `None` when it can take the pod.
@@ -110,6 +131,12 @@ pub(crate) fn filters(
         out.push(Rejection::QueueTooLong {
             expected: site.expected_wait_seconds,
             max: i64::from(max),
+        });
+    }
+    if let Some(o) = data::unreachable(site, &pod.data) {
+        out.push(Rejection::DataUnreachable {
+            endpoint: o.endpoint.clone(),
+            bucket: o.bucket.clone(),
         });
     }
     if let Some(limit) = site.max_concurrent_pods
@@ -230,18 +257,29 @@ fn score<'a>(
         costs.iter().copied().min().unwrap_or(0),
         costs.iter().copied().max().unwrap_or(0),
     );
+    let stage: Vec<i64> = sites
+        .iter()
+        .map(|s| data::stage_in_seconds(&s.data, &pod.data))
+        .collect();
+    let (smin, smax) = (
+        stage.iter().copied().min().unwrap_or(0),
+        stage.iter().copied().max().unwrap_or(0),
+    );
     let w = &policy.weights;
     sites
         .iter()
-        .map(|s| {
+        .zip(stage)
+        .map(|(s, stage_in_seconds)| {
             let queue = lower_is_better(s.expected_wait_seconds, wmin, wmax);
+            let data = lower_is_better(stage_in_seconds, smin, smax);
             let cost = lower_is_better(s.relative_cost, cmin, cmax);
             let free_capacity = free_after(pod, s);
             let gpu_fit = gpu_fit(pod, s);
             let score = i64::from(w.queue_time) * queue
                 + i64::from(w.cost) * cost
                 + i64::from(w.free_capacity) * free_capacity
-                + i64::from(w.gpu_fit) * gpu_fit;
+                + i64::from(w.gpu_fit) * gpu_fit
+                + i64::from(w.data_locality) * data;
             (
                 Ranked {
                     site: s.name.clone(),
@@ -251,6 +289,8 @@ fn score<'a>(
                     free_capacity,
                     gpu_fit,
                     expected_wait_seconds: s.expected_wait_seconds,
+                    data,
+                    stage_in_seconds,
                 },
                 *s,
             )

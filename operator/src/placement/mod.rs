@@ -3,6 +3,7 @@
 //! policy's strategy and explains the choice: the chosen site, the ranking with scores, and for every
 //! rejected site the first filter it failed.
 
+pub mod data;
 mod engine;
 pub mod queue;
 pub mod resources;
@@ -43,6 +44,8 @@ pub struct PodNeeds {
     pub requests: Resources,
     /// `offload.dev/site`: only this site may be chosen (filters still apply).
     pub pinned_site: Option<String>,
+    /// Objects the pod reads and writes (`offload.dev/data`, set on RemoteJob attempts).
+    pub data: Vec<data::DataObject>,
 }
 
 /// One GPU type a site offers.
@@ -97,6 +100,8 @@ pub struct SiteSnapshot {
     pub expected_wait_seconds: i64,
     /// A pod the site accepted has gone without starting past `podStartTimeoutSeconds`.
     pub not_starting: bool,
+    /// Where the site has its data.
+    pub data: data::SiteData,
 }
 
 /// A `relativeCost` in thousandths, as the engine compares costs. The CRD bounds it to
@@ -199,6 +204,14 @@ pub enum Rejection {
     },
     /// A pod the site accepted has not started within `podStartTimeoutSeconds` (a black hole).
     PodsNotStarting,
+    /// The site's pods cannot reach a store the pod reads or writes (no external access, and the
+    /// store is not local there).
+    DataUnreachable {
+        /// The store's endpoint.
+        endpoint: String,
+        /// The bucket.
+        bucket: String,
+    },
     /// Feasible, but the ordered-fallback strategy took an earlier site.
     LaterInOrder,
 }
@@ -230,6 +243,12 @@ impl std::fmt::Display for Rejection {
             }
             Rejection::ConcurrencyLimit { limit } => write!(f, "at its limit of {limit} concurrent pods"),
             Rejection::PodsNotStarting => write!(f, "accepted pods are not starting there"),
+            Rejection::DataUnreachable { endpoint, bucket } => {
+                write!(
+                    f,
+                    "cannot reach bucket {bucket} at {endpoint} (no external access)"
+                )
+            }
             Rejection::LaterInOrder => write!(f, "an earlier site in the policy's order fits"),
         }
     }
@@ -254,6 +273,12 @@ pub struct Ranked {
     /// The expected queue wait the queue score was computed from, in seconds.
     #[serde(default)]
     pub expected_wait_seconds: i64,
+    /// Short stage-in (1000 = shortest; every site 1000 for a pod without inputs).
+    #[serde(default)]
+    pub data: i64,
+    /// The estimated stage-in time the data score was computed from, in seconds.
+    #[serde(default)]
+    pub stage_in_seconds: i64,
 }
 
 /// The engine's answer.
@@ -272,6 +297,10 @@ pub struct Decision {
     /// per model: a site with 8 A100 and 8 T4 takes 8 A100 pods, not 16).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub gpu_models: BTreeMap<String, String>,
+    /// The site the pod would have gone to without the data-locality score, when that differs
+    /// from `chosen` (the data moved the placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_without_data: Option<String>,
 }
 
 /// Every reason one site was rejected, in filter order (never empty in a [`Decision`]).

@@ -40,6 +40,7 @@ fn site(name: &str) -> SiteSnapshot {
         gpus: Vec::new(),
         expected_wait_seconds: 0,
         not_starting: false,
+        data: Default::default(),
     }
 }
 
@@ -270,6 +271,7 @@ fn scores_are_normalised_and_weighted() {
             cost: c,
             free_capacity: 0,
             gpu_fit: 0,
+            data_locality: 0,
         },
         ..policy()
     };
@@ -293,6 +295,7 @@ fn free_capacity_prefers_the_emptier_site() {
             cost: 0,
             free_capacity: 100,
             gpu_fit: 0,
+            data_locality: 0,
         },
         ..policy()
     };
@@ -315,6 +318,7 @@ fn gpu_fit_prefers_least_waste_and_keeps_gpu_sites_for_gpu_work() {
             cost: 0,
             free_capacity: 0,
             gpu_fit: 100,
+            data_locality: 0,
         },
         ..policy()
     };
@@ -384,6 +388,7 @@ fn a_site_at_half_the_cost_is_written_directly_and_wins_on_cost() {
             cost: 100,
             free_capacity: 0,
             gpu_fit: 0,
+            data_locality: 0,
         },
         ..policy()
     };
@@ -567,6 +572,7 @@ fn arb_policy() -> impl proptest::strategy::Strategy<Value = PolicyView> {
                 cost: c,
                 free_capacity: f,
                 gpu_fit: g,
+                data_locality: 0,
             },
             strategy: [Strategy::BestScore, Strategy::Spread, Strategy::BestScore][s],
             requirements: Requirements {
@@ -692,4 +698,269 @@ fn the_gpu_model_chosen_is_the_tightest_fit() {
         d.gpu_models["nvidia.com/gpu"], "A100",
         "T4s have too little memory"
     );
+}
+
+// --- data locality ---
+
+mod data_locality {
+    use super::*;
+    use crate::placement::data::{
+        DEFAULT_BANDWIDTH, DEFAULT_INPUT_BYTES, DataObject, LocalStore, SiteData, stage_in_seconds,
+    };
+
+    const MI: i64 = 1 << 20;
+
+    fn input(endpoint: &str, bucket: &str, bytes: Option<i64>) -> DataObject {
+        DataObject {
+            endpoint: endpoint.into(),
+            bucket: bucket.into(),
+            bytes,
+            output: false,
+        }
+    }
+
+    fn local(endpoint: &str, buckets: &[&str]) -> LocalStore {
+        LocalStore {
+            endpoint: endpoint.into(),
+            buckets: buckets.iter().map(|b| b.to_string()).collect(),
+        }
+    }
+
+    fn with_data(name: &str, data: SiteData) -> SiteSnapshot {
+        let mut s = site(name);
+        s.data = data;
+        s
+    }
+
+    fn data_pod(objects: Vec<DataObject>) -> PodNeeds {
+        let mut p = pod(1, 1, 0);
+        p.data = objects;
+        p
+    }
+
+    /// (what the site has, the pod's objects, expected seconds).
+    #[test]
+    fn stage_in_estimates() {
+        let s3 = "http://s3:8333";
+        let remote_100 = SiteData {
+            bandwidth: 100 * MI,
+            ..SiteData::default()
+        };
+        let htc_local = SiteData {
+            local: vec![local(s3, &["htc"])],
+            bandwidth: 100 * MI,
+            external_access: true,
+        };
+        let whole_store = SiteData {
+            local: vec![local(s3, &[])],
+            ..SiteData::default()
+        };
+        let defaults = SiteData::default();
+        let cases: Vec<(&str, &SiteData, Vec<DataObject>, i64)> = vec![
+            ("no inputs", &remote_100, vec![], 0),
+            (
+                "1 GiB remote at 100 MiB/s, rounded up",
+                &remote_100,
+                vec![input(s3, "htc", Some(1 << 30))],
+                11,
+            ),
+            (
+                "local bucket",
+                &htc_local,
+                vec![input(s3, "htc", Some(1 << 30))],
+                0,
+            ),
+            (
+                "other bucket of the same store",
+                &htc_local,
+                vec![input(s3, "cloud", Some(200 * MI))],
+                2,
+            ),
+            (
+                "every bucket of the store",
+                &whole_store,
+                vec![input(s3, "any", Some(1 << 40))],
+                0,
+            ),
+            (
+                "unknown size counts as the default",
+                &remote_100,
+                vec![input(s3, "x", None)],
+                DEFAULT_INPUT_BYTES / (100 * MI) + 1,
+            ),
+            (
+                "outputs are not staged in",
+                &remote_100,
+                vec![DataObject {
+                    output: true,
+                    ..input(s3, "x", Some(1 << 40))
+                }],
+                0,
+            ),
+            (
+                "the default bandwidth",
+                &defaults,
+                vec![input(s3, "x", Some(DEFAULT_BANDWIDTH * 3))],
+                3,
+            ),
+        ];
+        for (what, site, objects, expected) in cases {
+            assert_eq!(stage_in_seconds(site, &objects), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_site_holding_the_input_wins_and_the_change_is_reported() {
+        let s3 = "http://s3:8333";
+        let cloud = with_data(
+            "cloud",
+            SiteData {
+                local: vec![local(s3, &["cloud"])],
+                ..SiteData::default()
+            },
+        );
+        let htc = with_data(
+            "htc",
+            SiteData {
+                local: vec![local(s3, &["htc"])],
+                ..SiteData::default()
+            },
+        );
+        let sites = [cloud, htc];
+        let in_htc = data_pod(vec![input(s3, "htc", Some(50 * MI))]);
+        let d = place(&in_htc, &policy(), &sites, &[]);
+        assert_eq!(d.chosen.as_deref(), Some("htc"));
+        assert_eq!(
+            d.chosen_without_data.as_deref(),
+            Some("cloud"),
+            "a tie goes by name"
+        );
+        let htc_rank = d.ranking.iter().find(|r| r.site == "htc").unwrap();
+        let cloud_rank = d.ranking.iter().find(|r| r.site == "cloud").unwrap();
+        assert_eq!((htc_rank.stage_in_seconds, htc_rank.data), (0, 1000));
+        assert_eq!((cloud_rank.stage_in_seconds, cloud_rank.data), (1, 0));
+        let in_cloud = data_pod(vec![input(s3, "cloud", Some(50 * MI))]);
+        let d = place(&in_cloud, &policy(), &sites, &[]);
+        assert_eq!(d.chosen.as_deref(), Some("cloud"));
+        assert_eq!(
+            d.chosen_without_data, None,
+            "the data agreed with the other scores"
+        );
+        let none = place(&pod(1, 1, 0), &policy(), &sites, &[]);
+        assert!(
+            none.ranking
+                .iter()
+                .all(|r| r.data == 1000 && r.stage_in_seconds == 0)
+        );
+    }
+
+    #[test]
+    fn a_site_without_external_access_takes_only_local_data() {
+        let s3 = "http://s3:8333";
+        let closed = with_data(
+            "closed",
+            SiteData {
+                local: vec![local(s3, &["hpc"])],
+                external_access: false,
+                ..SiteData::default()
+            },
+        );
+        let local_only = data_pod(vec![input(s3, "hpc", None)]);
+        assert_eq!(filter(&local_only, &policy(), &closed, &[]), None);
+        let remote_output = data_pod(vec![
+            input(s3, "hpc", None),
+            DataObject {
+                output: true,
+                ..input("http://elsewhere", "out", None)
+            },
+        ]);
+        assert_eq!(
+            filter(&remote_output, &policy(), &closed, &[]),
+            Some(Rejection::DataUnreachable {
+                endpoint: "http://elsewhere".into(),
+                bucket: "out".into()
+            })
+        );
+    }
+
+    fn arb_site_data() -> impl proptest::strategy::Strategy<Value = SiteData> {
+        (
+            prop::collection::vec((0usize..3, prop::collection::vec(0usize..3, 0..3)), 0..3),
+            1i64..(1 << 34),
+            any::<bool>(),
+        )
+            .prop_map(|(local, bandwidth, external_access)| SiteData {
+                local: local
+                    .into_iter()
+                    .map(|(e, bs)| LocalStore {
+                        endpoint: format!("http://s3-{e}"),
+                        buckets: bs.into_iter().map(|b| format!("b{b}")).collect(),
+                    })
+                    .collect(),
+                bandwidth,
+                external_access,
+            })
+    }
+
+    fn arb_objects() -> impl proptest::strategy::Strategy<Value = Vec<DataObject>> {
+        prop::collection::vec(
+            (
+                0usize..3,
+                0usize..3,
+                prop::option::of(0i64..(1 << 42)),
+                any::<bool>(),
+            ),
+            0..5,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .map(|(e, b, bytes, output)| DataObject {
+                    endpoint: format!("http://s3-{e}"),
+                    bucket: format!("b{b}"),
+                    bytes,
+                    output,
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_estimate_grows_with_the_bytes(site in arb_site_data(), objects in arb_objects(), i in 0usize..5, extra in 0i64..(1 << 40)) {
+            let before = stage_in_seconds(&site, &objects);
+            let mut more = objects.clone();
+            if let Some(o) = more.get_mut(i % objects.len().max(1)) {
+                o.bytes = Some(o.bytes.unwrap_or(DEFAULT_INPUT_BYTES) + extra);
+            }
+            prop_assert!(stage_in_seconds(&site, &more) >= before);
+        }
+
+        #[test]
+        fn the_estimate_is_zero_when_everything_is_local(mut site in arb_site_data(), objects in arb_objects()) {
+            site.local = objects
+                .iter()
+                .map(|o| LocalStore { endpoint: o.endpoint.clone(), buckets: vec![o.bucket.clone()] })
+                .collect();
+            prop_assert_eq!(stage_in_seconds(&site, &objects), 0);
+        }
+
+        #[test]
+        fn an_unreachable_site_is_never_chosen(datas in prop::collection::vec(arb_site_data(), 1..6), objects in arb_objects()) {
+            let sites: Vec<SiteSnapshot> = datas
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| with_data(&format!("s{i}"), d))
+                .collect();
+            let d = place(&data_pod(objects.clone()), &policy(), &sites, &[]);
+            if let Some(chosen) = d.chosen {
+                let s = sites.iter().find(|s| s.name == chosen).unwrap();
+                prop_assert!(crate::placement::data::unreachable(s, &objects).is_none());
+            }
+            for s in &sites {
+                if crate::placement::data::unreachable(s, &objects).is_some() {
+                    prop_assert!(d.rejected.contains_key(&s.name));
+                }
+            }
+        }
+    }
 }

@@ -2,6 +2,8 @@
 //! that failed, deadline, suspend and time to live. It observes (the job, its pods read straight
 //! from the API server, the sites' readiness), decides with the pure [`plan`], acts, and reports.
 
+pub mod data;
+mod outputs;
 pub mod plan;
 #[cfg(test)]
 mod tests;
@@ -12,11 +14,16 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy},
-    runtime::{Controller, controller::Action, reflector::Store},
+    runtime::{
+        Controller,
+        controller::Action,
+        reflector::{ObjectRef, Store},
+    },
 };
 use serde_json::json;
 
-use self::plan::SiteView;
+use self::{data::JobData, plan::SiteView};
+use super::scheduler::snapshot::site_data;
 use super::{Context, Error, backoff::Backoff, events::Reason};
 use crate::crd::{LABEL_JOB_UID, OffloadSite, RemoteJob, conditions, remote_job::RemoteJobPhase};
 
@@ -32,8 +39,19 @@ struct Ctx {
 /// Runs the RemoteJob controller until the process ends (jobs and sites within the operator's
 /// `--site-selector`, from the shared caches).
 pub async fn run(shared: Arc<Context>) {
+    // A job whose `inputsFrom` names another is looked at again when that one changes.
+    let jobs = shared.jobs.store().clone();
+    let downstream = move |upstream: Arc<RemoteJob>| {
+        let (ns, name) = (upstream.namespace(), upstream.name_any());
+        jobs.state()
+            .into_iter()
+            .filter(|j| j.namespace() == ns && j.spec.inputs_from.iter().any(|f| f.remote_job == name))
+            .map(|j| ObjectRef::from_obj(j.as_ref()))
+            .collect::<Vec<_>>()
+    };
     let controller = Controller::for_shared_stream(shared.jobs.subscribe(), shared.jobs.store().clone())
-        .owns_shared_stream(shared.pods.subscribe());
+        .owns_shared_stream(shared.pods.subscribe())
+        .watches_shared_stream(shared.jobs.subscribe(), downstream);
     let ctx = Arc::new(Ctx {
         shared,
         backoff: Backoff::default(),
@@ -63,6 +81,7 @@ fn site_views(store: &Store<OffloadSite>) -> Vec<SiteView> {
                 not_ready_since: ready
                     .map(|c| c.last_transition_time.0)
                     .or_else(|| s.metadata.creation_timestamp.as_ref().map(|t| t.0)),
+                data: site_data(s.spec.data.as_ref()),
             }
         })
         .collect()
@@ -88,12 +107,19 @@ async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
         .await?
         .items;
     let now = jiff::Timestamp::now();
-    let decision = plan::plan(job, &pods, &site_views(ctx.sites.store()), now);
+    let all_jobs = ctx.jobs.store().state();
+    let upstream: Vec<&RemoteJob> = all_jobs
+        .iter()
+        .filter(|j| j.namespace().as_deref() == Some(ns.as_str()))
+        .map(AsRef::as_ref)
+        .collect();
+    let mut decision = plan::plan(job, &pods, &site_views(ctx.sites.store()), &upstream, now);
+    let data = JobData::of(job, &decision.status.inputs);
 
     for action in &decision.actions {
         match action {
             plan::Action::CreatePod { index, exclude } => {
-                let pod = plan::attempt_pod(job, *index, exclude);
+                let pod = plan::attempt_pod(job, *index, exclude, &data, &ctx.settings.stage_image);
                 let name = pod.name_any();
                 match pods_api.create(&PostParams::default(), &pod).await {
                     Ok(_) => {}
@@ -134,6 +160,25 @@ async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
+
+    // The outputs the job just recorded: their size and checksum, read from the store.
+    if decision
+        .status
+        .outputs
+        .iter()
+        .any(|o| o.size.is_none() && o.message.is_none())
+    {
+        outputs::measure(ctx, &ns, &mut decision.status.outputs).await;
+        for o in &decision.status.outputs {
+            if let (Some(site), Some(size)) = (&o.site, o.size) {
+                ctx.metrics
+                    .data_staged_bytes
+                    .with_label_values(&[site, "out"])
+                    .inc_by(size.max(0) as u64);
+            }
+        }
+    }
+    outputs::count_stage_in(ctx, &decision.ended, &pods, &data);
 
     if job.status.as_ref() != Some(&decision.status) {
         let jobs: Api<RemoteJob> = Api::namespaced(ctx.client.clone(), &ns);

@@ -11,6 +11,7 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 
+use super::data::{JobData, Upstream, stage_failure};
 use crate::{
     controller::events::Reason,
     controller::{
@@ -24,6 +25,7 @@ use crate::{
         conditions,
         remote_job::{Attempt, AttemptOutcome, RemoteJobPhase},
     },
+    placement::data::SiteData,
 };
 
 /// The scheduler that places attempt pods.
@@ -46,6 +48,14 @@ const SITE_REASONS: &[&str] = &[
     "UnexpectedAdmissionError",
 ];
 
+/// Attempt reasons of the stage steps (docs/data.md), which also name the job's failure.
+const STAGE_REASONS: &[&str] = &[
+    "InputMissing",
+    "StageInFailed",
+    "OutputUploadFailed",
+    "OutputMissing",
+];
+
 /// A site's readiness as the job controller sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SiteView {
@@ -55,6 +65,8 @@ pub struct SiteView {
     pub ready: bool,
     /// Since when it has not been ready (meaningful when `ready` is false).
     pub not_ready_since: Option<Timestamp>,
+    /// Where it has its data (an input missing in a store local to it may be its fault).
+    pub data: SiteData,
 }
 
 /// What the controller must do, in order, before it writes the status.
@@ -112,8 +124,15 @@ pub fn pod_name(job: &str, index: i32) -> String {
 }
 
 /// The pod of one attempt: the template, placed by the offload scheduler (with the job's policy
-/// or pinned site and the sites to avoid), owned by the job, never restarted in place.
-pub fn attempt_pod(job: &RemoteJob, index: i32, exclude: &[String]) -> Pod {
+/// or pinned site and the sites to avoid), owned by the job, never restarted in place, with the
+/// stage steps for its data (run from `stage_image`).
+pub fn attempt_pod(
+    job: &RemoteJob,
+    index: i32,
+    exclude: &[String],
+    data: &JobData,
+    stage_image: &str,
+) -> Pod {
     let template = job.spec.template.clone();
     let mut meta = template.metadata.unwrap_or_default();
     let mut labels = meta.labels.take().unwrap_or_default();
@@ -151,7 +170,7 @@ pub fn attempt_pod(job: &RemoteJob, index: i32, exclude: &[String]) -> Pod {
     let mut tolerations = spec.tolerations.take().unwrap_or_default();
     tolerations.extend(outage_tolerations(&tolerations));
     spec.tolerations = Some(tolerations);
-    Pod {
+    let mut pod = Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&name, index)),
             namespace: job.namespace(),
@@ -162,7 +181,9 @@ pub fn attempt_pod(job: &RemoteJob, index: i32, exclude: &[String]) -> Pod {
         },
         spec: Some(spec),
         status: None,
-    }
+    };
+    super::data::add_stage_steps(&mut pod, data, stage_image);
+    pod
 }
 
 /// The attempt index a pod carries.
@@ -393,6 +414,12 @@ struct Planner<'a> {
     job: &'a RemoteJob,
     pods: &'a [Pod],
     sites: &'a [SiteView],
+    /// The RemoteJobs of the job's namespace its `inputsFrom` may name.
+    upstream: &'a [&'a RemoteJob],
+    /// Its data, once `inputsFrom` is resolved.
+    data: JobData,
+    /// Waiting for the RemoteJobs its `inputsFrom` names.
+    waiting: bool,
     now: Timestamp,
     generation: Option<i64>,
     st: RemoteJobStatus,
@@ -464,7 +491,30 @@ impl Planner<'_> {
             if let Some(id) = pod.annotations().get(ANNOTATION_REMOTE_ID) {
                 a.remote_id = Some(id.clone());
             }
-            let state = pod_state(pod, now);
+            let mut state = pod_state(pod, now);
+            if let PodState::Done {
+                outcome,
+                reason,
+                message,
+                ..
+            } = &mut state
+                && *outcome != AttemptOutcome::Succeeded
+                && let Some((why, text)) = stage_failure(pod, !self.data.outputs.is_empty())
+            {
+                *reason = why.into();
+                *message = text;
+                *outcome = AttemptOutcome::ApplicationFailure;
+                // A copy local to the site gone missing is the site's fault: another site may
+                // still read the original.
+                let site_local = a
+                    .site
+                    .as_ref()
+                    .and_then(|s| sites.iter().find(|v| &v.name == s))
+                    .is_some_and(|v| self.data.has_local_input(&v.data));
+                if why == "InputMissing" && site_local {
+                    *outcome = AttemptOutcome::SiteFailure;
+                }
+            }
             match &state {
                 PodState::Done {
                     outcome,
@@ -553,10 +603,86 @@ impl Planner<'_> {
         }
     }
 
+    /// Resolves `inputsFrom`: waits while a RemoteJob it names has not succeeded, fails the job
+    /// when one failed, and otherwise records where the inputs are.
+    fn resolve_inputs(&mut self) {
+        if self.job.spec.inputs_from.is_empty() || self.st.completion_time.is_some() {
+            self.data = JobData::of(self.job, &self.st.inputs);
+            return;
+        }
+        let now_t = Time(self.now);
+        match super::data::resolve(self.job, &self.st.inputs, self.upstream) {
+            Upstream::Ready(inputs) => {
+                self.st.inputs = inputs;
+                set_condition(
+                    &mut self.st.conditions,
+                    conditions::WAITING_FOR_INPUTS,
+                    false,
+                    "InputsReady",
+                    "the RemoteJobs of inputsFrom have succeeded",
+                    self.generation,
+                    &now_t,
+                );
+            }
+            Upstream::Waiting(why) => {
+                self.waiting = true;
+                let was = crate::crd::common::is_true(&self.st.conditions, conditions::WAITING_FOR_INPUTS);
+                set_condition(
+                    &mut self.st.conditions,
+                    conditions::WAITING_FOR_INPUTS,
+                    true,
+                    "WaitingForInputs",
+                    &why,
+                    self.generation,
+                    &now_t,
+                );
+                if !was {
+                    self.out.notes.push(Note {
+                        reason: Reason::WaitingForInputs,
+                        message: format!("waiting for inputs: {why}"),
+                    });
+                }
+            }
+            Upstream::Failed(why) => {
+                set_condition(
+                    &mut self.st.conditions,
+                    conditions::WAITING_FOR_INPUTS,
+                    false,
+                    "InputsFailed",
+                    &why,
+                    self.generation,
+                    &now_t,
+                );
+                self.finish(false, "InputsFailed", why);
+            }
+        }
+        self.data = JobData::of(self.job, &self.st.inputs);
+    }
+
     /// Ends the job: its phase, conditions, Event and duration.
     fn finish(&mut self, ok: bool, reason: &str, message: String) {
         let (now, generation) = (self.now, self.generation);
         let now_t = Time(now);
+        // The outputs the last attempt was to write (the controller reads their size and
+        // checksum from the store).
+        if let Some(last) = self.st.attempts.iter().rev().find(|a| !is_open(a)) {
+            self.st.outputs = self
+                .job
+                .spec
+                .outputs
+                .iter()
+                .map(|o| crate::crd::data::ArtifactStatus {
+                    name: o.name.clone(),
+                    url: o.url.clone(),
+                    endpoint: o.endpoint.clone(),
+                    region: o.region.clone(),
+                    credentials_secret: o.credentials_secret.clone(),
+                    attempt: Some(last.index),
+                    site: last.site.clone(),
+                    ..Default::default()
+                })
+                .collect();
+        }
         self.st.completion_time = Some(now_t.clone());
         self.st.phase = Some(if ok {
             RemoteJobPhase::Succeeded
@@ -682,6 +808,10 @@ impl Planner<'_> {
         let last_ended = self.st.attempts.iter().rev().find(|a| !is_open(a)).cloned();
         if self.st.completion_time.is_none() && self.current.is_none() {
             let failures = self.st.attempts.iter().filter(|a| counts_as_failure(a)).count();
+            let input_missing = last_ended.as_ref().filter(|a| {
+                a.outcome == Some(AttemptOutcome::ApplicationFailure)
+                    && a.reason.as_deref() == Some("InputMissing")
+            });
             if let Some(a) = last_ended
                 .as_ref()
                 .filter(|a| a.outcome == Some(AttemptOutcome::Succeeded))
@@ -692,6 +822,12 @@ impl Planner<'_> {
                     a.site.as_deref().unwrap_or("?")
                 );
                 self.finish(true, "Succeeded", msg);
+            } else if let Some(a) = input_missing {
+                // Another attempt would read the same store: no retry.
+                let msg = format!("{}; not retried", describe(a));
+                self.finish(false, "InputMissing", msg);
+            } else if self.waiting {
+                self.st.phase = Some(RemoteJobPhase::Pending);
             } else if failures as i64 > i64::from(spec.retry_limit) {
                 let last = self
                     .st
@@ -700,7 +836,11 @@ impl Planner<'_> {
                     .rev()
                     .find(|a| counts_as_failure(a))
                     .cloned();
-                let reason = outcome_name(last.as_ref().and_then(|a| a.outcome));
+                // A stage step's failure names itself; others by their class.
+                let reason = match last.as_ref().and_then(|a| a.reason.as_deref()) {
+                    Some(r) if STAGE_REASONS.contains(&r) => r,
+                    _ => outcome_name(last.as_ref().and_then(|a| a.outcome)),
+                };
                 let msg = format!(
                     "{failures} attempt(s) failed, retry limit {}; the last: {}",
                     spec.retry_limit,
@@ -948,14 +1088,24 @@ impl Planner<'_> {
     }
 }
 
-/// The decision for `job`, owning `pods`, with the sites as in `sites`, at `now`.
-pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -> Plan {
+/// The decision for `job`, owning `pods`, with the sites as in `sites` and the RemoteJobs of its
+/// namespace its `inputsFrom` may name (`upstream`), at `now`.
+pub fn plan(
+    job: &RemoteJob,
+    pods: &[Pod],
+    sites: &[SiteView],
+    upstream: &[&RemoteJob],
+    now: Timestamp,
+) -> Plan {
     let mut st = job.status.clone().unwrap_or_default();
     st.observed_generation = job.meta().generation;
     let mut p = Planner {
         job,
         pods,
         sites,
+        upstream,
+        data: JobData::default(),
+        waiting: false,
         now,
         generation: job.meta().generation,
         st,
@@ -964,10 +1114,12 @@ pub fn plan(job: &RemoteJob, pods: &[Pod], sites: &[SiteView], now: Timestamp) -
         current: None,
     };
     p.adopt();
+    p.data = JobData::of(job, &p.st.inputs);
     p.follow_open();
     p.delete_closed_pods();
     p.check_deadline();
     p.suspend_or_resume();
+    p.resolve_inputs();
     p.next_attempt();
     p.ended_events();
     p.job_conditions();

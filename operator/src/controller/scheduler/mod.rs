@@ -193,8 +193,8 @@ async fn place_one(
     );
     state.told.remove(&uid);
     let best = &decision.ranking[0];
-    let note = format!(
-        "bound to site {site} (node {}) by policy {}: score {} (queue {}, cost {}, free {}, gpu {}); {} other site(s) rejected",
+    let mut note = format!(
+        "bound to site {site} (node {}) by policy {}: score {} (queue {}, cost {}, free {}, gpu {}, data {}); {} other site(s) rejected",
         node_name(site),
         decision.policy,
         best.score,
@@ -202,8 +202,16 @@ async fn place_one(
         best.cost,
         best.free_capacity,
         best.gpu_fit,
+        best.data,
         decision.rejected.len()
     );
+    if !needs.data.is_empty() {
+        note.push_str(&format!("; estimated stage-in {}s", best.stage_in_seconds));
+    }
+    if let Some(other) = &decision.chosen_without_data {
+        note.push_str(&format!("; without the data-locality score: {other}"));
+        metrics.data_placements_changed.with_label_values(&[site]).inc();
+    }
     ctx.events
         .publish(&pod.object_ref(&()), Reason::Scheduled, &note, "Scheduling")
         .await;

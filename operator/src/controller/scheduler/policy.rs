@@ -7,7 +7,10 @@ use kube::ResourceExt;
 
 use crate::{
     controller::load,
-    crd::{ANNOTATION_EXCLUDE_SITES, ANNOTATION_POLICY, ANNOTATION_SITE, OffloadPolicy, OffloadSite},
+    crd::{
+        ANNOTATION_DATA, ANNOTATION_EXCLUDE_SITES, ANNOTATION_POLICY, ANNOTATION_SITE, OffloadPolicy,
+        OffloadSite,
+    },
     placement::{self, PodNeeds, PolicyView},
 };
 
@@ -18,7 +21,17 @@ pub fn needs(pod: &Pod, namespace_labels: BTreeMap<String, String>) -> PodNeeds 
         namespace_labels,
         requests: load::requests(pod),
         pinned_site: pod.annotations().get(ANNOTATION_SITE).cloned(),
+        data: data_objects(pod),
     }
+}
+
+/// The objects a RemoteJob attempt reads and writes (`offload.dev/data`); none when the
+/// annotation is absent or not understood (the pod is then placed as if it had no data).
+pub fn data_objects(pod: &Pod) -> Vec<placement::data::DataObject> {
+    pod.annotations()
+        .get(ANNOTATION_DATA)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
 }
 
 /// Sites the pod must avoid (`offload.dev/exclude-sites`, set on RemoteJob retries).

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use crate::{
     controller::load,
     crd::{ANNOTATION_PLACEMENT, OffloadSite, common::is_true, conditions},
-    placement::{GpuOffer, Resources, SiteSnapshot, cost_milli, queue},
+    placement::{self, GpuOffer, Resources, SiteSnapshot, cost_milli, queue},
 };
 
 /// A pod this scheduler bound that the pod cache does not show bound yet (kube-scheduler's
@@ -81,6 +81,31 @@ pub fn site(
             i64::from(spec.status_sync_interval_seconds),
         ),
         not_starting: unstarted >= i64::from(spec.pod_start_timeout_seconds),
+        data: site_data(spec.data.as_ref()),
+    }
+}
+
+/// `spec.data` as placement weighs it (defaults when the site declares nothing).
+pub fn site_data(data: Option<&crate::crd::data::SiteData>) -> placement::data::SiteData {
+    let Some(d) = data else {
+        return placement::data::SiteData::default();
+    };
+    placement::data::SiteData {
+        local: d
+            .local_stores
+            .iter()
+            .map(|l| placement::data::LocalStore {
+                endpoint: crate::crd::data::normalize_endpoint(&l.endpoint),
+                buckets: l.buckets.clone(),
+            })
+            .collect(),
+        bandwidth: d
+            .remote_bandwidth
+            .as_ref()
+            .map(|q| crate::quantity::int(&q.0))
+            .filter(|b| *b > 0)
+            .unwrap_or(placement::data::DEFAULT_BANDWIDTH),
+        external_access: d.external_access,
     }
 }
 
