@@ -40,10 +40,11 @@ pub struct Artifact {
     #[schemars(length(min = 1, max = 64))]
     pub region: Option<String>,
 
-    /// Size of an input, when known (e.g. `2Gi`): placement estimates the stage-in time from it.
-    /// Unknown sizes count as 1Gi. Ignored on outputs (their size is measured).
+    /// Size of an input, when known (e.g. `2Gi`, `500M`, `1048576`): placement estimates the
+    /// stage-in time from it. Unknown sizes count as 1Gi. Ignored on outputs (their size is
+    /// measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "quantity_schema")]
+    #[schemars(schema_with = "size_schema")]
     pub size: Option<Quantity>,
 
     /// A Secret in the job's namespace with the keys `accessKeyId` and `secretAccessKey`; without
@@ -52,6 +53,19 @@ pub struct Artifact {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
+}
+
+/// A byte count: an integer, or a decimal with a binary or decimal suffix. A pattern, not the CEL
+/// `isQuantity` of other quantity fields: a RemoteJob has up to 64 artifacts and the API server
+/// would price a CEL rule on each above its budget.
+fn size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string", "maxLength": 32, "pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"}
+        ]
+    })
 }
 
 /// An input that is another RemoteJob's output: the job waits (`WaitingForInputs`) until that
