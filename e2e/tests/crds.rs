@@ -288,6 +288,10 @@ async fn kubectl_explain_documents_the_fields() {
         ensure!(text(&out).contains("queueTime"), "{}", text(&out));
         let out = kubectl(t.cluster, &["explain", "remotejob.status.attempts"]).await?;
         ensure!(text(&out).contains("exitCode"), "{}", text(&out));
+        let out = kubectl(t.cluster, &["explain", "remotejob.spec.inputs"]).await?;
+        ensure!(text(&out).contains("credentialsSecret"), "{}", text(&out));
+        let out = kubectl(t.cluster, &["explain", "offloadsite.spec.data"]).await?;
+        ensure!(text(&out).contains("remoteBandwidth"), "{}", text(&out));
         Ok(())
     })
     .await;
