@@ -14,7 +14,7 @@ use super::common::quantity_schema;
 #[serde(rename_all = "camelCase")]
 pub struct Artifact {
     /// Name, unique among the job's inputs (and `inputsFrom`) or among its outputs. The container
-    /// finds an input at `/offload/inputs/<name>` and writes an output to `/offload/outputs/<name>`;
+    /// finds an input at `/var/run/offload/inputs/<name>` and writes an output to `/var/run/offload/outputs/<name>`;
     /// both paths are also in the environment as `OFFLOAD_INPUT_<NAME>` / `OFFLOAD_OUTPUT_<NAME>`
     /// (upper case, `-` as `_`).
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")

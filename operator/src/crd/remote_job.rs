@@ -107,7 +107,7 @@ pub struct RemoteJobSpec {
     #[serde(default)]
     pub suspend: bool,
 
-    /// Objects the job reads: fetched to `/offload/inputs/<name>` before its containers start. A
+    /// Objects the job reads: fetched to `/var/run/offload/inputs/<name>` before its containers start. A
     /// missing one fails the job with reason `InputMissing`. Placement prefers sites where they
     /// are local (`OffloadSite.spec.data`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -120,7 +120,7 @@ pub struct RemoteJobSpec {
     #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub inputs_from: Vec<InputFrom>,
 
-    /// Objects the job writes: each file the first container leaves at `/offload/outputs/<name>`
+    /// Objects the job writes: each file the first container leaves at `/var/run/offload/outputs/<name>`
     /// is uploaded when it ends, whether it succeeded or failed, with its SHA-256; `status.outputs`
     /// lists them. An upload that still fails after retries fails the attempt with reason
     /// `OutputUploadFailed`.

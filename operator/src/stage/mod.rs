@@ -35,7 +35,7 @@ pub mod exit {
 /// The name of the first init container of a RemoteJob pod with data.
 pub const STAGE_IN_CONTAINER: &str = "offload-stage-in";
 /// Where the shared folder is mounted in every container of the pod.
-pub const ROOT: &str = "/offload";
+pub const ROOT: &str = "/var/run/offload";
 /// The tool's file name (in the image's `PATH`, and under `<root>/bin/` once `in` copied it).
 pub const BINARY: &str = "offload-stage";
 

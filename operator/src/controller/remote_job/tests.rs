@@ -638,7 +638,7 @@ fn the_attempt_pod_stages_its_data() {
         &[
             "in",
             "--root",
-            "/offload",
+            "/var/run/offload",
             "--input",
             "my-data=http://s3:8333/shared/a%20b"
         ]
@@ -655,10 +655,10 @@ fn the_attempt_pod_stages_its_data() {
     assert_eq!(
         main.command.as_ref().unwrap(),
         &[
-            "/offload/bin/offload-stage",
+            "/var/run/offload/bin/offload-stage",
             "run",
             "--root",
-            "/offload",
+            "/var/run/offload",
             "--output",
             "out=http://s3:8333/htc/o",
             "--",
@@ -676,9 +676,9 @@ fn the_attempt_pod_stages_its_data() {
     };
     assert_eq!(
         env("OFFLOAD_INPUT_MY_DATA").as_deref(),
-        Some("/offload/inputs/my-data")
+        Some("/var/run/offload/inputs/my-data")
     );
-    assert_eq!(env("OFFLOAD_OUTPUT_OUT").as_deref(), Some("/offload/outputs/out"));
+    assert_eq!(env("OFFLOAD_OUTPUT_OUT").as_deref(), Some("/var/run/offload/outputs/out"));
     assert_eq!(env("OFFLOAD_S3_OUT_OUT_REGION").as_deref(), Some("eu"));
     assert!(
         spec.volumes
