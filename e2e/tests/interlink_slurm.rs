@@ -24,12 +24,14 @@ use kube::{
 };
 use offload_e2e::{
     TestNamespace,
+    s3::ObjectStore,
     fixtures::{delete_sites, site, wait_site_ready},
     operator::{Operator, TEST_LABEL},
     wait,
 };
-use offload_operator::crd::{
-    ANNOTATION_REMOTE_ID, OffloadPolicy, OffloadSite, RemoteJob, remote_job::RemoteJobPhase,
+use offload_operator::{
+    crd::{ANNOTATION_REMOTE_ID, OffloadPolicy, OffloadSite, RemoteJob, remote_job::RemoteJobPhase},
+    stage::sigv4::sha256_hex,
 };
 use serde_json::json;
 
@@ -353,12 +355,20 @@ async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
             ensure!(state.as_deref() == Some("COMPLETED"), "Slurm job {rjid}: {state:?}");
             let logs = kubectl_logs(&t, "rjob-0").await?;
             ensure!(logs.contains("from a remote job"), "kubectl logs rjob-0:\n{logs}");
+
+            // 4. The data pipeline of e2e/tests/data.rs as Slurm jobs: stage 1 reads a dataset
+            //    and writes a model, stage 2 (inputsFrom) reads the model and writes a report,
+            //    through a real object store; the stage tool runs as each job's first step.
+            pipeline(&t, &t.name, &jobs, &sent).await?;
+            eprintln!("interlink_slurm: data pipeline passed at {}", since(t0));
             eprintln!("interlink_slurm: all steps passed at {}", since(t0));
             Ok(())
         }
         .await;
         let cleanup = async {
-            let _ = jobs.delete("rjob", &DeleteParams::default()).await;
+            for j in ["rjob", "train", "report"] {
+                let _ = jobs.delete(j, &DeleteParams::default()).await;
+            }
             delete_sites(&t, &sites, &[&name]).await?;
             policies.delete(&t.name, &DeleteParams::default()).await?;
             // Nothing this test submitted may keep a Slurm slot (an orphan of a doubled create, or
@@ -387,4 +397,84 @@ async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
         }
     })
     .await;
+}
+
+/// A RemoteJob with data (`extra` sets inputs, inputsFrom, outputs), running `script`.
+fn data_job(ns: &str, name: &str, policy: &str, script: &str, extra: serde_json::Value) -> anyhow::Result<RemoteJob> {
+    let mut j = job(ns, name, policy, script)?;
+    let mut spec = serde_json::to_value(&j.spec)?;
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    j.spec = serde_json::from_value(spec)?;
+    Ok(j)
+}
+
+/// Step 4: the two-stage pipeline, with its own object store, both stages at the Slurm site.
+async fn pipeline(
+    t: &TestNamespace,
+    policy: &str,
+    jobs: &Api<RemoteJob>,
+    sent: &std::sync::Mutex<Vec<String>>,
+) -> anyhow::Result<()> {
+    let root = t.cluster.dir.join(format!("s3-{}", t.name));
+    let store = tokio::task::spawn_blocking(move || ObjectStore::up(&root, &["shared"])).await??;
+    let result = async {
+        let ns = &t.name;
+        let ep = store.endpoint.clone();
+        let secrets: Api<Secret> = Api::namespaced(t.client.clone(), ns);
+        secrets
+            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "s3"},
+                "stringData": {"accessKeyId": store.admin.access_key_id, "secretAccessKey": store.admin.secret_access_key}}))?)
+            .await?;
+        let dataset = b"events 1 2 3\n".repeat(1000);
+        store.put("shared", &format!("{ns}/dataset"), &dataset).await?;
+        let art = |name: &str, key: &str| json!({"name": name, "url": format!("s3://shared/{ns}/{key}"), "endpoint": ep, "credentialsSecret": "s3"});
+        let pp = PostParams::default();
+        jobs.create(&pp, &data_job(ns, "train", policy,
+            "cat \"$OFFLOAD_INPUT_DATASET\" > \"$OFFLOAD_OUTPUT_MODEL\"; echo trained-at-slurm >> \"$OFFLOAD_OUTPUT_MODEL\"",
+            json!({"inputs": [art("dataset", "dataset")], "outputs": [art("model", "model.bin")]}))?).await?;
+        jobs.create(&pp, &data_job(ns, "report", policy,
+            "wc -c < \"$OFFLOAD_INPUT_MODEL\" > \"$OFFLOAD_OUTPUT_REPORT\"",
+            json!({"inputsFrom": [{"name": "model", "remoteJob": "train", "output": "model"}],
+                "outputs": [art("report", "report.txt")]}))?).await?;
+        for name in ["train", "report"] {
+            let st = wait::until(&format!("RemoteJob {name} finished"), TIMEOUT * 2, || async {
+                let st = jobs.get(name).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+                match st.phase {
+                    Some(RemoteJobPhase::Succeeded | RemoteJobPhase::Failed) => Ok(Some(st)),
+                    p => Err(format!("phase {p:?}, message {:?}", st.message)),
+                }
+            })
+            .await?;
+            if let Some(pod) = st.pod.as_deref() {
+                let pods: Api<Pod> = Api::namespaced(t.client.clone(), ns);
+                sent.lock().unwrap().extend(pods.get(pod).await?.uid());
+            }
+            ensure!(st.phase == Some(RemoteJobPhase::Succeeded), "{name}: {st:?}");
+        }
+        let mut model = dataset.clone();
+        model.extend_from_slice(b"trained-at-slurm\n");
+        let stored = store.get("shared", &format!("{ns}/model.bin")).await?.context("no model")?;
+        ensure!(stored == model, "the model's bytes differ ({} stored)", stored.len());
+        let train = jobs.get("train").await?.status.unwrap_or_default();
+        ensure!(
+            train.outputs.first().and_then(|o| o.sha256.clone()) == Some(sha256_hex(&model)),
+            "train's status.outputs: {:?}",
+            train.outputs
+        );
+        let report = store.get("shared", &format!("{ns}/report.txt")).await?.context("no report")?;
+        ensure!(
+            String::from_utf8_lossy(&report).trim() == model.len().to_string(),
+            "report: {:?}",
+            String::from_utf8_lossy(&report)
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    if result.is_err() {
+        eprintln!("{}", store.log_tail(30));
+    }
+    let down = tokio::task::spawn_blocking(move || store.down()).await?;
+    result.and(down)
 }

@@ -96,14 +96,66 @@ pub async fn gather(
     for n in &secret_names {
         secrets.push(get::<Secret>(client, &ns, n).await?);
     }
+    let mut sent = pod.clone();
+    resolve_env(&mut sent, &configmaps, &secrets);
     let request = PodCreateRequests {
-        pod: pod.clone(),
+        pod: sent,
         configmaps,
         secrets,
         projectedvolumesmaps: projected,
         jobscript_url: String::new(),
     };
     Ok((request, expires))
+}
+
+/// Env values taken from the pod's fields, Secrets and ConfigMaps written in as plain values, as
+/// interLink's virtual kubelet does before it sends a pod: plugins such as the SLURM one write only
+/// `value` into the job's environment. A reference that cannot be resolved is left as it is.
+pub fn resolve_env(pod: &mut Pod, configmaps: &[ConfigMap], secrets: &[Secret]) {
+    let meta = pod.metadata.clone();
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+    let Some(spec) = pod.spec.as_mut() else { return };
+    let containers = spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten());
+    for c in containers {
+        for e in c.env.iter_mut().flatten() {
+            let Some(from) = &e.value_from else { continue };
+            let value = if let Some(r) = &from.secret_key_ref {
+                secrets
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(r.name.as_str()))
+                    .and_then(|s| s.data.as_ref()?.get(&r.key))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            } else if let Some(r) = &from.config_map_key_ref {
+                configmaps
+                    .iter()
+                    .find(|m| m.metadata.name.as_deref() == Some(r.name.as_str()))
+                    .and_then(|m| m.data.as_ref()?.get(&r.key).cloned())
+            } else if let Some(f) = &from.field_ref {
+                match f.field_path.as_str() {
+                    "metadata.name" => meta.name.clone(),
+                    "metadata.namespace" => meta.namespace.clone(),
+                    "metadata.uid" => meta.uid.clone(),
+                    "spec.nodeName" => node.clone(),
+                    "status.podIP" => pod_ip.clone(),
+                    path => path
+                        .strip_prefix("metadata.annotations['")
+                        .or_else(|| path.strip_prefix("metadata.annotations[\""))
+                        .and_then(|k| k.strip_suffix("']").or_else(|| k.strip_suffix("\"]")))
+                        .and_then(|k| meta.annotations.as_ref()?.get(k).cloned()),
+                }
+            } else {
+                None
+            };
+            if let Some(v) = value {
+                e.value = Some(v);
+                e.value_from = None;
+            }
+        }
+    }
 }
 
 /// A service-account token requested for the pod (bound to it, as a kubelet requests it).
@@ -198,5 +250,45 @@ where
         Ok(Some(o)) => Ok(o),
         Ok(None) => Err(format!("{kind} {ns}/{name} does not exist")),
         Err(e) => Err(format!("cannot read {kind} {ns}/{name}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_references_become_values_as_interlink_sends_them() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "annotations": {"a": "b"}},
+            "spec": {"nodeName": "offload-x",
+                "initContainers": [{"name": "i", "env": [
+                    {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "accessKeyId"}}}]}],
+                "containers": [{"name": "c", "env": [
+                    {"name": "PLAIN", "value": "v"},
+                    {"name": "CM", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "k"}}},
+                    {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "ANN", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['a']"}}},
+                    {"name": "GONE", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "x"}}}]}]}
+        }))
+        .unwrap();
+        let secrets: Vec<Secret> = vec![serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s3"}, "data": {"accessKeyId": "aWQ="}})).unwrap()];
+        let cms: Vec<ConfigMap> = vec![serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cfg"}, "data": {"k": "cv"}})).unwrap()];
+        resolve_env(&mut pod, &cms, &secrets);
+        let spec = pod.spec.unwrap();
+        let env = |c: &k8s_openapi::api::core::v1::Container, n: &str| {
+            c.env.iter().flatten().find(|e| e.name == n).cloned().unwrap()
+        };
+        let init = &spec.init_containers.unwrap()[0];
+        assert_eq!(env(init, "KEY").value.as_deref(), Some("id"));
+        let c = &spec.containers[0];
+        assert_eq!(env(c, "PLAIN").value.as_deref(), Some("v"));
+        assert_eq!(env(c, "CM").value.as_deref(), Some("cv"));
+        assert_eq!(env(c, "NAME").value.as_deref(), Some("p"));
+        assert_eq!(env(c, "ANN").value.as_deref(), Some("b"));
+        let gone = env(c, "GONE");
+        assert!(gone.value.is_none() && gone.value_from.is_some(), "left as it was");
     }
 }
