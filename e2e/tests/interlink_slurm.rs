@@ -24,9 +24,9 @@ use kube::{
 };
 use offload_e2e::{
     TestNamespace,
-    s3::ObjectStore,
     fixtures::{delete_sites, site, wait_site_ready},
     operator::{Operator, TEST_LABEL},
+    s3::ObjectStore,
     wait,
 };
 use offload_operator::{
@@ -400,7 +400,13 @@ async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
 }
 
 /// A RemoteJob with data (`extra` sets inputs, inputsFrom, outputs), running `script`.
-fn data_job(ns: &str, name: &str, policy: &str, script: &str, extra: serde_json::Value) -> anyhow::Result<RemoteJob> {
+fn data_job(
+    ns: &str,
+    name: &str,
+    policy: &str,
+    script: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<RemoteJob> {
     let mut j = job(ns, name, policy, script)?;
     let mut spec = serde_json::to_value(&j.spec)?;
     if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
@@ -449,7 +455,8 @@ async fn pipeline(
             .await?;
             if let Some(pod) = st.pod.as_deref() {
                 let pods: Api<Pod> = Api::namespaced(t.client.clone(), ns);
-                sent.lock().unwrap().extend(pods.get(pod).await?.uid());
+                let uid = pods.get(pod).await?.uid();
+                sent.lock().unwrap().extend(uid);
             }
             ensure!(st.phase == Some(RemoteJobPhase::Succeeded), "{name}: {st:?}");
         }

@@ -272,10 +272,16 @@ mod tests {
                     {"name": "GONE", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "x"}}}]}]}
         }))
         .unwrap();
-        let secrets: Vec<Secret> = vec![serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "s3"}, "data": {"accessKeyId": "aWQ="}})).unwrap()];
-        let cms: Vec<ConfigMap> = vec![serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "cfg"}, "data": {"k": "cv"}})).unwrap()];
+        let secrets: Vec<Secret> = vec![
+            serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s3"}, "data": {"accessKeyId": "aWQ="}}))
+            .unwrap(),
+        ];
+        let cms: Vec<ConfigMap> = vec![
+            serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cfg"}, "data": {"k": "cv"}}))
+            .unwrap(),
+        ];
         resolve_env(&mut pod, &cms, &secrets);
         let spec = pod.spec.unwrap();
         let env = |c: &k8s_openapi::api::core::v1::Container, n: &str| {
@@ -289,6 +295,9 @@ mod tests {
         assert_eq!(env(c, "NAME").value.as_deref(), Some("p"));
         assert_eq!(env(c, "ANN").value.as_deref(), Some("b"));
         let gone = env(c, "GONE");
-        assert!(gone.value.is_none() && gone.value_from.is_some(), "left as it was");
+        assert!(
+            gone.value.is_none() && gone.value_from.is_some(),
+            "left as it was"
+        );
     }
 }

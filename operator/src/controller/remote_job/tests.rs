@@ -678,7 +678,10 @@ fn the_attempt_pod_stages_its_data() {
         env("OFFLOAD_INPUT_MY_DATA").as_deref(),
         Some("/var/run/offload/inputs/my-data")
     );
-    assert_eq!(env("OFFLOAD_OUTPUT_OUT").as_deref(), Some("/var/run/offload/outputs/out"));
+    assert_eq!(
+        env("OFFLOAD_OUTPUT_OUT").as_deref(),
+        Some("/var/run/offload/outputs/out")
+    );
     assert_eq!(env("OFFLOAD_S3_OUT_OUT_REGION").as_deref(), Some("eu"));
     assert!(
         spec.volumes
