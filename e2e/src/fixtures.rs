@@ -7,12 +7,31 @@ use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams},
 };
-use offload_operator::crd::{OffloadPolicy, OffloadSite};
+use offload_operator::crd::{OffloadPolicy, OffloadSite, RemoteJob};
 use serde_json::{Value, json};
 
 use crate::{TestNamespace, operator::TEST_LABEL, wait};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A RemoteJob of test namespace `ns` running `script` (`sh -c`) in a container `main`, placed by
+/// `policy`, retried after 1 s; `extra` overrides spec keys.
+pub fn remote_job(
+    ns: &str,
+    name: &str,
+    policy: &str,
+    script: &str,
+    extra: Value,
+) -> anyhow::Result<RemoteJob> {
+    let mut spec = json!({"policy": policy, "backoffSeconds": 1,
+        "template": {"spec": {"containers": [{"name": "main", "image": "busybox",
+            "command": ["sh", "-c", script]}]}}});
+    merge(&mut spec, &extra);
+    Ok(serde_json::from_value(
+        json!({"apiVersion": "offload.dev/v1alpha1", "kind": "RemoteJob",
+        "metadata": {"name": name, "namespace": ns, "labels": {TEST_LABEL: ns}}, "spec": spec}),
+    )?)
+}
 
 /// An `OffloadSite` for test namespace `ns` at `endpoint`: open to every namespace, large, probed
 /// and synced every second; `extra` overrides spec keys.

@@ -16,7 +16,6 @@ use kube::{
 };
 use offload_e2e::{
     fixtures::{policy_builder, site_builder},
-    operator::TEST_LABEL,
     s3::ObjectStore,
     scenario::Scenario,
     sitesim::SimConfig,
@@ -37,18 +36,9 @@ fn processes(c: &mut SimConfig) {
     c.simulate = false;
 }
 
-/// A RemoteJob running `script` in its first container; `extra` sets more spec keys.
+/// A RemoteJob running `script`, placed by `policy`; `extra` overrides spec keys.
 fn job(ns: &str, name: &str, policy: &str, script: &str, extra: Value) -> anyhow::Result<RemoteJob> {
-    let mut spec = json!({"policy": policy, "backoffSeconds": 1,
-        "template": {"spec": {"containers": [{"name": "main", "image": "busybox",
-            "command": ["sh", "-c", script]}]}}});
-    spec.as_object_mut()
-        .context("spec")?
-        .extend(extra.as_object().cloned().unwrap_or_default());
-    Ok(serde_json::from_value(
-        json!({"apiVersion": "offload.dev/v1alpha1", "kind": "RemoteJob",
-        "metadata": {"name": name, "namespace": ns, "labels": {TEST_LABEL: ns}}, "spec": spec}),
-    )?)
+    offload_e2e::fixtures::remote_job(ns, name, policy, script, extra)
 }
 
 async fn finished(

@@ -399,23 +399,6 @@ async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
     .await;
 }
 
-/// A RemoteJob with data (`extra` sets inputs, inputsFrom, outputs), running `script`.
-fn data_job(
-    ns: &str,
-    name: &str,
-    policy: &str,
-    script: &str,
-    extra: serde_json::Value,
-) -> anyhow::Result<RemoteJob> {
-    let mut j = job(ns, name, policy, script)?;
-    let mut spec = serde_json::to_value(&j.spec)?;
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-        s.extend(e.clone());
-    }
-    j.spec = serde_json::from_value(spec)?;
-    Ok(j)
-}
-
 /// Step 4: the two-stage pipeline, with its own object store, both stages at the Slurm site.
 async fn pipeline(
     t: &TestNamespace,
@@ -437,10 +420,10 @@ async fn pipeline(
         store.put("shared", &format!("{ns}/dataset"), &dataset).await?;
         let art = |name: &str, key: &str| json!({"name": name, "url": format!("s3://shared/{ns}/{key}"), "endpoint": ep, "credentialsSecret": "s3"});
         let pp = PostParams::default();
-        jobs.create(&pp, &data_job(ns, "train", policy,
+        jobs.create(&pp, &offload_e2e::fixtures::remote_job(ns, "train", policy,
             "cat \"$OFFLOAD_INPUT_DATASET\" > \"$OFFLOAD_OUTPUT_MODEL\"; echo trained-at-slurm >> \"$OFFLOAD_OUTPUT_MODEL\"",
             json!({"inputs": [art("dataset", "dataset")], "outputs": [art("model", "model.bin")]}))?).await?;
-        jobs.create(&pp, &data_job(ns, "report", policy,
+        jobs.create(&pp, &offload_e2e::fixtures::remote_job(ns, "report", policy,
             "wc -c < \"$OFFLOAD_INPUT_MODEL\" > \"$OFFLOAD_OUTPUT_REPORT\"",
             json!({"inputsFrom": [{"name": "model", "remoteJob": "train", "output": "model"}],
                 "outputs": [art("report", "report.txt")]}))?).await?;

@@ -13,7 +13,6 @@ use kube::{
 };
 use offload_e2e::{
     fixtures::{PolicyBuilder, policy_builder, site_builder, wait_site_ready},
-    operator::TEST_LABEL,
     scenario::Scenario,
     sitesim::{SimConfig, faults},
     wait,
@@ -28,16 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A RemoteJob running `script`, placed by `policy`; `extra` overrides spec keys.
 fn job(ns: &str, name: &str, policy: &str, script: &str, extra: Value) -> anyhow::Result<RemoteJob> {
-    let mut spec = json!({"policy": policy, "backoffSeconds": 1,
-        "template": {"spec": {"containers": [{"name": "main", "image": "busybox",
-            "command": ["sh", "-c", script]}]}}});
-    spec.as_object_mut()
-        .context("spec")?
-        .extend(extra.as_object().cloned().unwrap_or_default());
-    Ok(serde_json::from_value(
-        json!({"apiVersion": "offload.dev/v1alpha1", "kind": "RemoteJob",
-        "metadata": {"name": name, "namespace": ns, "labels": {TEST_LABEL: ns}}, "spec": spec}),
-    )?)
+    offload_e2e::fixtures::remote_job(ns, name, policy, script, extra)
 }
 
 /// The jobs' policy over `sites` (full names), tried in that order.

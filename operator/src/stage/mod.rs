@@ -149,6 +149,21 @@ fn parse_artifact(spec: &str, prefix: &str) -> Result<(String, Object), String> 
     ))
 }
 
+/// Every artifact of a command's arguments, or `None` after saying which one is wrong.
+fn parse_all(specs: &[String], prefix: &str, command: &str) -> Option<Vec<(String, Object)>> {
+    match specs
+        .iter()
+        .map(|s| parse_artifact(s, prefix))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("offload-stage {command}: {e}");
+            None
+        }
+    }
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -183,17 +198,8 @@ fn rate(bytes: u64, took: Duration) -> String {
 }
 
 async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
-    let inputs = match args
-        .inputs
-        .iter()
-        .map(|s| parse_artifact(s, "IN"))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("offload-stage in: {e}");
-            return exit::USAGE;
-        }
+    let Some(inputs) = parse_all(&args.inputs, "IN", "in") else {
+        return exit::USAGE;
     };
     let dirs = [
         args.root.join("inputs"),
@@ -272,17 +278,8 @@ async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
 }
 
 async fn run(client: &reqwest::Client, args: &RunArgs) -> i32 {
-    let outputs = match args
-        .outputs
-        .iter()
-        .map(|s| parse_artifact(s, "OUT"))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("offload-stage run: {e}");
-            return exit::USAGE;
-        }
+    let Some(outputs) = parse_all(&args.outputs, "OUT", "run") else {
+        return exit::USAGE;
     };
     let Some((program, rest)) = args.command.split_first() else {
         eprintln!("offload-stage run: no command");
