@@ -136,14 +136,21 @@ async fn pipeline(s: &Scenario, store: &ObjectStore) -> anyhow::Result<()> {
         .await?;
     let (gpu, htc, cloud) = (s.name("gpu"), s.name("htc"), s.name("cloud"));
     let on_gpu = s.policy(policy_builder("train").sites(&[&gpu])).await?;
+    // Only the data decides between htc and cloud (other scores could differ by a second of
+    // observed queue wait, which the normalised queue score would make as large as the data's).
     let analyse = s
-        .policy(policy_builder("analyse").sites(&[&htc, &cloud, &s.name("closed")]))
+        .policy(
+            policy_builder("analyse")
+                .sites(&[&htc, &cloud, &s.name("closed")])
+                .merge(json!({"weights": {"queueTime": 0, "cost": 0, "freeCapacity": 0, "gpuFit": 0, "dataLocality": 100}})),
+        )
         .await?;
 
-    // The dataset both pipelines train on.
+    // The dataset both pipelines train on, its size declared.
     let dataset = b"measurements 1 2 3 5 8 13 21\n".repeat(4096);
     store.put("shared", &format!("{ns}/dataset"), &dataset).await?;
-    let dataset_in = artifact("dataset", ep, &format!("s3://shared/{ns}/dataset"), "s3");
+    let mut dataset_in = artifact("dataset", ep, &format!("s3://shared/{ns}/dataset"), "s3");
+    dataset_in["size"] = dataset.len().into();
 
     // Two pipelines: stage 1 on the GPU site writes its model into htc's bucket (a) or cloud's (b);
     // stage 2 reads it on htc or cloud and writes a report. Both stages are created at once: stage 2

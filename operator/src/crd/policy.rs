@@ -115,8 +115,8 @@ pub struct Requirements {
 // The rule repeats the defaults so it also holds on a manifest before the API server defaults it
 // (client-side checks, `kubectl apply --dry-run=client`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("(has(self.queueTime) ? self.queueTime : 40) + (has(self.cost) ? self.cost : 20) + (has(self.freeCapacity) ? self.freeCapacity : 30) + (has(self.gpuFit) ? self.gpuFit : 10) > 0")
-    .message("at least one of weights.queueTime, cost, freeCapacity and gpuFit must be positive"))]
+#[x_kube(validation = Rule::new("(has(self.queueTime) ? self.queueTime : 40) + (has(self.cost) ? self.cost : 20) + (has(self.freeCapacity) ? self.freeCapacity : 30) + (has(self.gpuFit) ? self.gpuFit : 10) + (has(self.dataLocality) ? self.dataLocality : 40) > 0")
+    .message("at least one of weights.queueTime, cost, freeCapacity, gpuFit and dataLocality must be positive"))]
 #[serde(rename_all = "camelCase")]
 pub struct Weights {
     /// Weight of a short expected queue wait.

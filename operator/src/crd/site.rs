@@ -326,6 +326,11 @@ pub struct OffloadSiteStatus {
     /// Round-trip time of the last successful ping, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_latency_milliseconds: Option<i64>,
+    /// Bytes per second the operator measured staging RemoteJob inputs in from stores that are not
+    /// local to the site (a moving average over stage-ins of at least 16 MiB and 5 s). Placement uses it
+    /// instead of `spec.data.remoteBandwidth` once it is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_remote_bandwidth: Option<i64>,
     /// Observed time from `/create` to first Running, averaged, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_queue_wait_seconds: Option<i64>,

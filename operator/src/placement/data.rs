@@ -58,6 +58,29 @@ impl Default for SiteData {
     }
 }
 
+/// Stage-ins smaller than this say more about container start-up than about bandwidth: they are
+/// not measured.
+pub const MIN_OBSERVED_BYTES: i64 = 16 << 20;
+/// Nor are shorter ones: container times have whole seconds, so a stage-in of at least 5 s is
+/// measured to within 20 %.
+pub const MIN_OBSERVED_SECONDS: f64 = 5.0;
+
+/// The site's measured bandwidth after a stage-in of `bytes` from stores that are not local took
+/// `seconds`: the first measurement, then a moving average (the new one weighs 30 %). `None` when
+/// the stage-in was too small or too short to say anything ([`MIN_OBSERVED_BYTES`],
+/// [`MIN_OBSERVED_SECONDS`]).
+pub fn observe_bandwidth(previous: Option<i64>, bytes: i64, seconds: f64) -> Option<i64> {
+    if bytes < MIN_OBSERVED_BYTES || !seconds.is_finite() || seconds < MIN_OBSERVED_SECONDS {
+        return None;
+    }
+    let sample = bytes as f64 / seconds;
+    let value = match previous.filter(|p| *p > 0) {
+        Some(p) => 0.7 * p as f64 + 0.3 * sample,
+        None => sample,
+    };
+    Some(value.round().clamp(1.0, i64::MAX as f64) as i64)
+}
+
 /// Whether `object` is in a store local to the site.
 pub fn is_local(site: &SiteData, object: &DataObject) -> bool {
     site.local.iter().any(|s| {

@@ -810,6 +810,29 @@ mod data_locality {
     }
 
     #[test]
+    fn measured_bandwidth_starts_at_the_first_stage_in_then_moves_slowly() {
+        use crate::placement::data::{MIN_OBSERVED_BYTES, observe_bandwidth};
+        let gib = 1i64 << 30;
+        assert_eq!(observe_bandwidth(None, gib, 10.0), Some(gib / 10));
+        // 30 % of a new measurement of 0.5 GiB/s on top of 70 % of 1 GiB/s.
+        assert_eq!(
+            observe_bandwidth(Some(gib), 5 * gib, 10.0),
+            Some((0.7 * gib as f64 + 0.3 * (gib / 2) as f64).round() as i64)
+        );
+        // Too small, or no time: nothing learnt.
+        assert_eq!(observe_bandwidth(Some(gib), MIN_OBSERVED_BYTES - 1, 1.0), None);
+        assert_eq!(observe_bandwidth(None, gib, 0.0), None);
+        assert_eq!(
+            observe_bandwidth(None, gib, 4.0),
+            None,
+            "whole seconds: too coarse below 5 s"
+        );
+        assert_eq!(observe_bandwidth(None, gib, f64::NAN), None);
+        // A nonsense previous value is replaced.
+        assert_eq!(observe_bandwidth(Some(-5), 5 * gib, 5.0), Some(gib));
+    }
+
+    #[test]
     fn the_site_holding_the_input_wins_and_the_change_is_reported() {
         let s3 = "http://s3:8333";
         let cloud = with_data(

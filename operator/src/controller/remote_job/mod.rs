@@ -81,7 +81,10 @@ fn site_views(store: &Store<OffloadSite>) -> Vec<SiteView> {
                 not_ready_since: ready
                     .map(|c| c.last_transition_time.0)
                     .or_else(|| s.metadata.creation_timestamp.as_ref().map(|t| t.0)),
-                data: site_data(s.spec.data.as_ref()),
+                data: site_data(
+                    s.spec.data.as_ref(),
+                    s.status.as_ref().and_then(|st| st.observed_remote_bandwidth),
+                ),
             }
         })
         .collect()
@@ -178,7 +181,7 @@ async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    outputs::count_stage_in(ctx, &decision.ended, &pods, &data);
+    outputs::count_stage_in(ctx, &decision.ended, &pods, &data).await;
 
     if job.status.as_ref() != Some(&decision.status) {
         let jobs: Api<RemoteJob> = Api::namespaced(ctx.client.clone(), &ns);

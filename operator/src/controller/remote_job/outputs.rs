@@ -5,15 +5,20 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::Api;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
 
 use super::data::JobData;
 use crate::{
-    controller::Context,
+    controller::{Context, scheduler::snapshot::site_data},
     crd::{
+        OffloadSite,
         data::{ArtifactStatus, split_s3_url},
         remote_job::Attempt,
     },
+    placement::data::{self as placement_data, is_local},
     stage::{
         STAGE_IN_CONTAINER,
         s3::{self, Object, S3Error},
@@ -23,6 +28,9 @@ use crate::{
 
 /// How long one HEAD may take: the status write waits for it.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Field manager of `OffloadSite.status.observedRemoteBandwidth` (the site controller writes the
+/// rest of the status).
+const BANDWIDTH_MANAGER: &str = "offload-operator-data";
 
 /// The credentials in the Secret `name` of `namespace` (keys `accessKeyId`, `secretAccessKey`).
 async fn credentials(ctx: &Context, namespace: &str, name: &str) -> Result<Credentials, String> {
@@ -91,8 +99,9 @@ pub async fn measure(ctx: &Context, namespace: &str, outputs: &mut [ArtifactStat
 }
 
 /// Counts the stage-in of attempts that ended now: the bytes of the inputs of known size and the
-/// time the stage-in container ran, when it completed.
-pub fn count_stage_in(ctx: &Context, ended: &[Attempt], pods: &[Pod], data: &JobData) {
+/// time the stage-in container ran, when it completed; a stage-in large enough also updates the
+/// site's measured bandwidth (`status.observedRemoteBandwidth`).
+pub async fn count_stage_in(ctx: &Context, ended: &[Attempt], pods: &[Pod], data: &JobData) {
     if data.inputs.is_empty() {
         return;
     }
@@ -117,12 +126,59 @@ pub fn count_stage_in(ctx: &Context, ended: &[Attempt], pods: &[Pod], data: &Job
             .data_staged_bytes
             .with_label_values(&[site, "in"])
             .inc_by(bytes.max(0) as u64);
-        if let (Some(start), Some(end)) = (t.started_at, t.finished_at) {
-            let secs = end.0.duration_since(start.0).as_secs_f64().max(0.0);
-            ctx.metrics
-                .stage_in_duration
-                .with_label_values(&[site])
-                .observe(secs);
-        }
+        let (Some(start), Some(end)) = (t.started_at, t.finished_at) else {
+            continue;
+        };
+        let secs = end.0.duration_since(start.0).as_secs_f64().max(0.0);
+        ctx.metrics
+            .stage_in_duration
+            .with_label_values(&[site])
+            .observe(secs);
+        observe_bandwidth(ctx, site, data, secs).await;
+    }
+}
+
+/// Folds one stage-in into the site's measured bandwidth (inputs of known size from stores that
+/// are not local to it).
+async fn observe_bandwidth(ctx: &Context, site: &str, data: &JobData, secs: f64) {
+    let Some(current) = ctx
+        .sites
+        .store()
+        .state()
+        .into_iter()
+        .find(|s| s.metadata.name.as_deref() == Some(site))
+    else {
+        return;
+    };
+    let previous = current.status.as_ref().and_then(|s| s.observed_remote_bandwidth);
+    let view = site_data(current.spec.data.as_ref(), previous);
+    let remote: i64 = data
+        .objects()
+        .iter()
+        .filter(|o| !o.output && o.bytes.is_some() && !is_local(&view, o))
+        .filter_map(|o| o.bytes)
+        .sum();
+    let Some(bandwidth) = placement_data::observe_bandwidth(previous, remote, secs) else {
+        return;
+    };
+    let api: Api<OffloadSite> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite",
+        "status": {"observedRemoteBandwidth": bandwidth}});
+    match api
+        .patch_status(
+            site,
+            &PatchParams::apply(BANDWIDTH_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(
+            site,
+            bandwidth,
+            bytes = remote,
+            seconds = secs,
+            "measured the site's bandwidth to remote stores"
+        ),
+        Err(e) => tracing::warn!(site, error = %e, "cannot record the site's measured bandwidth"),
     }
 }

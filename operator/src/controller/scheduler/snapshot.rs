@@ -81,14 +81,22 @@ pub fn site(
             i64::from(spec.status_sync_interval_seconds),
         ),
         not_starting: unstarted >= i64::from(spec.pod_start_timeout_seconds),
-        data: site_data(spec.data.as_ref()),
+        data: site_data(spec.data.as_ref(), status.observed_remote_bandwidth),
     }
 }
 
-/// `spec.data` as placement weighs it (defaults when the site declares nothing).
-pub fn site_data(data: Option<&crate::crd::data::SiteData>) -> placement::data::SiteData {
+/// `spec.data` as placement weighs it (defaults when the site declares nothing), with the
+/// measured bandwidth over the declared one.
+pub fn site_data(
+    data: Option<&crate::crd::data::SiteData>,
+    observed: Option<i64>,
+) -> placement::data::SiteData {
+    let observed = observed.filter(|b| *b > 0);
     let Some(d) = data else {
-        return placement::data::SiteData::default();
+        return placement::data::SiteData {
+            bandwidth: observed.unwrap_or(placement::data::DEFAULT_BANDWIDTH),
+            ..placement::data::SiteData::default()
+        };
     };
     placement::data::SiteData {
         local: d
@@ -99,11 +107,13 @@ pub fn site_data(data: Option<&crate::crd::data::SiteData>) -> placement::data::
                 buckets: l.buckets.clone(),
             })
             .collect(),
-        bandwidth: d
-            .remote_bandwidth
-            .as_ref()
-            .map(|q| crate::quantity::int(&q.0))
-            .filter(|b| *b > 0)
+        bandwidth: observed
+            .or_else(|| {
+                d.remote_bandwidth
+                    .as_ref()
+                    .map(|q| crate::quantity::int(&q.0))
+                    .filter(|b| *b > 0)
+            })
             .unwrap_or(placement::data::DEFAULT_BANDWIDTH),
         external_access: d.external_access,
     }

@@ -38,7 +38,7 @@ use serde_json::json;
 use self::assess::{Assessment, Probe};
 use super::{Context, Error, backoff::Backoff, credentials, events::Reason, load, node};
 use crate::{
-    crd::OffloadSite,
+    crd::{OffloadSite, OffloadSiteStatus},
     interlink::{SiteClient, Timeouts},
 };
 
@@ -226,7 +226,12 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     write_node(ctx, &site, &assessment, &now).await?;
     if status::changed(&old, &new) {
         let api: Api<OffloadSite> = Api::all(ctx.client.clone());
-        let patch = json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite", "status": new});
+        // The measured bandwidth is the RemoteJob controller's field (its own field manager).
+        let status = OffloadSiteStatus {
+            observed_remote_bandwidth: None,
+            ..new.clone()
+        };
+        let patch = json!({"apiVersion": "offload.dev/v1alpha1", "kind": "OffloadSite", "status": status});
         api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
             .await?;
     }
