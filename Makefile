@@ -21,8 +21,9 @@ fmt-check: ## fail when the code is not formatted
 lint: ## clippy on every target, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: ## unit tests (no cluster needed)
+unit: ## unit tests (no cluster needed), and the operator crate's own binary tests (offload-stage)
 	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test -p offload-operator --test '*'
 
 build: ## build the operator and the site simulator
 	$(CARGO) build -p offload-operator -p offload-e2e --bins

@@ -286,17 +286,19 @@ async fn run(client: &reqwest::Client, args: &RunArgs) -> i32 {
         return exit::USAGE;
     };
     // The command's own stdout and stderr are the container's.
-    let code = match tokio::process::Command::new(program).args(rest).status().await {
-        Ok(status) => exit_code(status),
-        Err(e) => {
-            eprintln!("offload-stage run: cannot start {program:?}: {e}");
-            127
-        }
-    };
+    let code = supervise(program, rest).await;
     let mut upload_failed = false;
     let mut missing = false;
     for (name, obj) in &outputs {
         let src = args.root.join("outputs").join(name);
+        if src.is_dir() {
+            eprintln!(
+                "offload-stage run: OutputMissing: output {name} ({}) is a folder; only files are uploaded",
+                src.display()
+            );
+            missing = true;
+            continue;
+        }
         if !src.is_file() {
             if code == 0 {
                 eprintln!(
@@ -350,6 +352,50 @@ async fn run(client: &reqwest::Client, args: &RunArgs) -> i32 {
         exit::OUTPUT_MISSING
     } else {
         0
+    }
+}
+
+/// Waits for the command, passing on SIGTERM and SIGINT (the container runtime stops the pod by
+/// signalling this process, its PID 1): the command ends as it would alone, then its outputs are
+/// still uploaded within the pod's grace period.
+async fn supervise(program: &str, args: &[String]) -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Caught before the command starts, so a stop signal arriving at once is passed on too.
+    let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("offload-stage run: cannot start {program:?}: {e}");
+            return 127;
+        }
+    };
+    let pid = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    let (Ok(mut term), Ok(mut int)) = (term, int) else {
+        return match child.wait().await {
+            Ok(status) => exit_code(status),
+            Err(_) => 1,
+        };
+    };
+    loop {
+        let forward = tokio::select! {
+            status = child.wait() => {
+                return match status {
+                    Ok(status) => exit_code(status),
+                    Err(e) => {
+                        eprintln!("offload-stage run: lost the command: {e}");
+                        1
+                    }
+                };
+            }
+            _ = term.recv() => rustix::process::Signal::TERM,
+            _ = int.recv() => rustix::process::Signal::INT,
+        };
+        if let Some(pid) = pid {
+            eprintln!("offload-stage run: passing {forward:?} on to the command");
+            let _ = rustix::process::kill_process(pid, forward);
+        }
     }
 }
 
