@@ -165,23 +165,14 @@ async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
     }
 
     // The outputs the job just recorded: their size and checksum, read from the store.
-    if decision
+    let measured = decision
         .status
         .outputs
         .iter()
-        .any(|o| o.size.is_none() && o.message.is_none())
-    {
+        .any(|o| o.size.is_none() && o.message.is_none());
+    if measured {
         outputs::measure(ctx, &ns, &mut decision.status.outputs).await;
-        for o in &decision.status.outputs {
-            if let (Some(site), Some(size)) = (&o.site, o.size) {
-                ctx.metrics
-                    .data_staged_bytes
-                    .with_label_values(&[site, "out"])
-                    .inc_by(size.max(0) as u64);
-            }
-        }
     }
-    outputs::count_stage_in(ctx, &decision.ended, &pods, &data).await;
 
     if job.status.as_ref() != Some(&decision.status) {
         let jobs: Api<RemoteJob> = Api::namespaced(ctx.client.clone(), &ns);
@@ -196,6 +187,10 @@ async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
     }
 
     // Report only after the status that records it was written, so a retry does not count twice.
+    if measured {
+        outputs::count_stage_out(ctx, &decision.status.outputs);
+    }
+    outputs::count_stage_in(ctx, &decision.ended, &pods, &data).await;
     for note in &decision.notes {
         tracing::info!(job = %job.name_any(), namespace = %ns, reason = note.reason.as_str(), "{}", note.message);
         publish(ctx, job, note.reason, &note.message).await;

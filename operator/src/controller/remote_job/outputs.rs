@@ -98,6 +98,18 @@ pub async fn measure(ctx: &Context, namespace: &str, outputs: &mut [ArtifactStat
     }
 }
 
+/// Counts the bytes of the outputs just measured, at the site that wrote them.
+pub fn count_stage_out(ctx: &Context, outputs: &[ArtifactStatus]) {
+    for o in outputs {
+        if let (Some(site), Some(size)) = (&o.site, o.size) {
+            ctx.metrics
+                .data_staged_bytes
+                .with_label_values(&[site, "out"])
+                .inc_by(size.max(0) as u64);
+        }
+    }
+}
+
 /// Counts the stage-in of attempts that ended now: the bytes of the inputs of known size and the
 /// time the stage-in container ran, when it completed; a stage-in large enough also updates the
 /// site's measured bandwidth (`status.observedRemoteBandwidth`).
