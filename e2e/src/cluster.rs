@@ -1,7 +1,6 @@
 //! Starting or reusing the control plane.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
@@ -76,19 +75,8 @@ impl Cluster {
 
     /// Reads `<dir>/env` written by `cluster-up`.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Cluster> {
-        let env_file = dir.join("env");
-        let text = std::fs::read_to_string(&env_file).with_context(|| {
-            format!(
-                "reading {} (is a control plane running there?)",
-                env_file.display()
-            )
-        })?;
-        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-        let get = |k: &str| {
-            vars.get(k)
-                .map(|v| v.to_string())
-                .ok_or_else(|| anyhow!("{} has no {k}", env_file.display()))
-        };
+        let env = EnvFile::read(&dir.join("env")).context("is a control plane running there?")?;
+        let get = |k: &str| env.get(k);
         Ok(Cluster {
             dir: dir.to_path_buf(),
             admin_kubeconfig: get("KUBECONFIG")?.into(),
@@ -218,6 +206,38 @@ async fn client_from(path: &Path) -> anyhow::Result<kube::Client> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// The `KEY=value` lines the harness scripts write (`cluster-up`, `node-up`, `s3-up`,
+/// `interlink-up`), with quotes around a value dropped.
+#[derive(Clone, Debug)]
+pub struct EnvFile {
+    path: PathBuf,
+    vars: std::collections::BTreeMap<String, String>,
+}
+
+impl EnvFile {
+    /// Reads `path`.
+    pub fn read(path: &Path) -> anyhow::Result<EnvFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let vars = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        Ok(EnvFile {
+            path: path.to_path_buf(),
+            vars,
+        })
+    }
+
+    /// The value of `key`, or an error naming the file.
+    pub fn get(&self, key: &str) -> anyhow::Result<String> {
+        self.vars
+            .get(key)
+            .cloned()
+            .ok_or_else(|| anyhow!("{} has no {key}", self.path.display()))
+    }
 }
 
 /// The workspace root (this crate lives in `<root>/e2e`).

@@ -3,12 +3,11 @@
 //! is tainted (`NODE_TAINT_KEY`): only pods that tolerate it run there.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     process::Command,
 };
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 
 use crate::{
     Cluster,
@@ -56,15 +55,8 @@ impl RealNode {
 
     fn from_dir(cluster_dir: &Path) -> anyhow::Result<RealNode> {
         let dir = cluster_dir.join("node");
-        let env_file = dir.join("env");
-        let text =
-            std::fs::read_to_string(&env_file).with_context(|| format!("reading {}", env_file.display()))?;
-        let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-        let get = |k: &str| {
-            vars.get(k)
-                .map(|v| v.trim_matches('"').to_string())
-                .ok_or_else(|| anyhow!("{} has no {k}", env_file.display()))
-        };
+        let env = crate::cluster::EnvFile::read(&dir.join("env"))?;
+        let get = |k: &str| env.get(k);
         Ok(RealNode {
             cluster_dir: cluster_dir.to_path_buf(),
             name: get("NODE_NAME")?,

@@ -3,10 +3,7 @@
 //! site plus a shared one, an admin identity and a read-only one. Stopped by [`ObjectStore::down`],
 //! or by a reaper when the test binary exits.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
 use offload_operator::stage::{
@@ -14,7 +11,7 @@ use offload_operator::stage::{
     sigv4::Credentials,
 };
 
-use crate::cluster::{log_tails, run_script};
+use crate::cluster::{EnvFile, log_tails, run_script};
 
 /// A running object store.
 #[derive(Debug, Clone)]
@@ -39,17 +36,8 @@ impl ObjectStore {
         args.extend(buckets.iter().map(|b| std::ffi::OsStr::new(*b)));
         let out = run_script("s3-up", &args, &[])?;
         let dir = PathBuf::from(out.lines().last().unwrap_or_default().trim());
-        let env: BTreeMap<String, String> = std::fs::read_to_string(dir.join("env"))
-            .with_context(|| format!("reading {}/env", dir.display()))?
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        let get = |k: &str| {
-            env.get(k)
-                .cloned()
-                .ok_or_else(|| anyhow!("{}/env has no {k}", dir.display()))
-        };
+        let env = EnvFile::read(&dir.join("env"))?;
+        let get = |k: &str| env.get(k);
         Ok(ObjectStore {
             root: root.to_path_buf(),
             endpoint: get("S3_ENDPOINT")?,

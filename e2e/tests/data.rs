@@ -15,7 +15,7 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use offload_e2e::{
-    fixtures::{policy_builder, site_builder},
+    fixtures::{policy_builder, remote_job as job, site_builder},
     s3::ObjectStore,
     scenario::Scenario,
     sitesim::SimConfig,
@@ -34,11 +34,6 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn processes(c: &mut SimConfig) {
     c.simulate = false;
-}
-
-/// A RemoteJob running `script`, placed by `policy`; `extra` overrides spec keys.
-fn job(ns: &str, name: &str, policy: &str, script: &str, extra: Value) -> anyhow::Result<RemoteJob> {
-    offload_e2e::fixtures::remote_job(ns, name, policy, script, extra)
 }
 
 async fn finished(

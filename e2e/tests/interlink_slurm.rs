@@ -14,7 +14,7 @@
 // Test code: helpers fail the test by panicking.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::{collections::HashMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
@@ -24,6 +24,7 @@ use kube::{
 };
 use offload_e2e::{
     TestNamespace,
+    cluster::EnvFile,
     fixtures::{delete_sites, site, wait_site_ready},
     operator::{Operator, TEST_LABEL},
     s3::ObjectStore,
@@ -42,22 +43,13 @@ const INTERLINK_ENV: &str = "OFFLOAD_E2E_INTERLINK";
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The variables of the env file `interlink-up` wrote.
-fn chain_env() -> anyhow::Result<Option<HashMap<String, String>>> {
+fn chain_env() -> anyhow::Result<Option<EnvFile>> {
     let Some(path) = std::env::var_os(INTERLINK_ENV) else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {INTERLINK_ENV}={} (is interlink-up running?)",
-            path.to_string_lossy()
-        )
-    })?;
-    Ok(Some(
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect(),
-    ))
+    EnvFile::read(std::path::Path::new(&path))
+        .with_context(|| format!("{INTERLINK_ENV}: is interlink-up running?"))
+        .map(Some)
 }
 
 /// A pod bound straight to the site's node (as in execution.rs), running `script` with `sh -c`.
@@ -210,8 +202,7 @@ async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
     };
     let url = env
         .get("INTERLINK_URL")
-        .cloned()
-        .unwrap_or_else(|| panic!("{INTERLINK_ENV} names a file without INTERLINK_URL"));
+        .unwrap_or_else(|e| panic!("{INTERLINK_ENV}: {e:#}"));
     // interlink-up keeps its logs next to the env file.
     let state_dir = std::path::Path::new(&std::env::var_os(INTERLINK_ENV).unwrap_or_default())
         .parent()

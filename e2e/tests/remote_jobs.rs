@@ -12,7 +12,7 @@ use kube::{
     api::{DeleteParams, ListParams, PostParams},
 };
 use offload_e2e::{
-    fixtures::{PolicyBuilder, policy_builder, site_builder, wait_site_ready},
+    fixtures::{PolicyBuilder, policy_builder, remote_job as job, site_builder, wait_site_ready},
     scenario::Scenario,
     sitesim::{SimConfig, faults},
     wait,
@@ -21,14 +21,9 @@ use offload_operator::crd::{
     RemoteJob,
     remote_job::{AttemptOutcome, RemoteJobPhase},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A RemoteJob running `script`, placed by `policy`; `extra` overrides spec keys.
-fn job(ns: &str, name: &str, policy: &str, script: &str, extra: Value) -> anyhow::Result<RemoteJob> {
-    offload_e2e::fixtures::remote_job(ns, name, policy, script, extra)
-}
 
 /// The jobs' policy over `sites` (full names), tried in that order.
 fn ordered(sites: &[&str]) -> PolicyBuilder {

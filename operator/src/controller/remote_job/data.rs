@@ -39,30 +39,48 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    fn from_artifact(a: &Artifact) -> Option<Resolved> {
-        let (bucket, key) = split_s3_url(&a.url)?;
+    /// `name` at `url` (`s3://bucket/key`) in the store at `endpoint`; `None` for another URL.
+    fn new(
+        name: &str,
+        url: &str,
+        endpoint: &str,
+        region: &Option<String>,
+        credentials_secret: &Option<String>,
+        bytes: Option<i64>,
+    ) -> Option<Resolved> {
+        let (bucket, key) = split_s3_url(url)?;
         Some(Resolved {
-            name: a.name.clone(),
-            endpoint: a.endpoint.trim_end_matches('/').to_string(),
+            name: name.into(),
+            endpoint: endpoint.trim_end_matches('/').to_string(),
             bucket: bucket.into(),
             key: key.into(),
-            region: a.region.clone(),
-            credentials_secret: a.credentials_secret.clone(),
-            bytes: a.size.as_ref().map(|q| crate::quantity::int(&q.0)),
+            region: region.clone(),
+            credentials_secret: credentials_secret.clone(),
+            bytes,
         })
     }
 
+    fn from_artifact(a: &Artifact) -> Option<Resolved> {
+        let bytes = a.size.as_ref().map(|q| crate::quantity::int(&q.0));
+        Resolved::new(
+            &a.name,
+            &a.url,
+            &a.endpoint,
+            &a.region,
+            &a.credentials_secret,
+            bytes,
+        )
+    }
+
     fn from_status(s: &ArtifactStatus) -> Option<Resolved> {
-        let (bucket, key) = split_s3_url(&s.url)?;
-        Some(Resolved {
-            name: s.name.clone(),
-            endpoint: s.endpoint.trim_end_matches('/').to_string(),
-            bucket: bucket.into(),
-            key: key.into(),
-            region: s.region.clone(),
-            credentials_secret: s.credentials_secret.clone(),
-            bytes: s.size,
-        })
+        Resolved::new(
+            &s.name,
+            &s.url,
+            &s.endpoint,
+            &s.region,
+            &s.credentials_secret,
+            s.size,
+        )
     }
 
     /// `<endpoint>/<bucket>/<key>`, as the stage tool takes it.
@@ -328,15 +346,25 @@ pub fn add_stage_steps(pod: &mut Pod, data: &JobData, stage_image: &str) {
     }
 }
 
+/// Attempt reason: an input does not exist (the job is not retried, ADR 0014).
+pub const INPUT_MISSING: &str = "InputMissing";
+/// Attempt reasons of the stage steps, which also name the job's failure (docs/data.md).
+pub const STAGE_REASONS: &[&str] = &[
+    INPUT_MISSING,
+    "StageInFailed",
+    "OutputUploadFailed",
+    "OutputMissing",
+];
+
 /// The reason a finished attempt pod failed in a stage step, if it did: from the stage-in init
 /// container's exit code, or the first container's when the job has outputs.
 pub fn stage_failure(pod: &Pod, has_outputs: bool) -> Option<(&'static str, String)> {
     let status = pod.status.as_ref()?;
-    let code = |statuses: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>, name: Option<&str>| {
+    let code = |statuses: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>, name: &str| {
         statuses
             .iter()
             .flatten()
-            .find(|c| name.is_none_or(|n| c.name == n))
+            .find(|c| c.name == name)
             .and_then(|c| c.state.as_ref()?.terminated.as_ref())
             .map(|t| t.exit_code)
     };
@@ -346,10 +374,10 @@ pub fn stage_failure(pod: &Pod, has_outputs: bool) -> Option<(&'static str, Stri
             pod.metadata.name.as_deref().unwrap_or_default()
         )
     };
-    match code(&status.init_container_statuses, Some(STAGE_IN_CONTAINER)) {
+    match code(&status.init_container_statuses, STAGE_IN_CONTAINER) {
         Some(stage::exit::INPUT_MISSING) => {
             return Some((
-                "InputMissing",
+                INPUT_MISSING,
                 format!(
                     "an input does not exist in its store ({})",
                     logs(STAGE_IN_CONTAINER)
@@ -376,7 +404,7 @@ pub fn stage_failure(pod: &Pod, has_outputs: bool) -> Option<(&'static str, Stri
         .and_then(|s| s.containers.first())
         .map(|c| c.name.clone())
         .unwrap_or_default();
-    match code(&status.container_statuses, Some(&first)) {
+    match code(&status.container_statuses, &first) {
         Some(stage::exit::OUTPUT_UPLOAD_FAILED) => Some((
             "OutputUploadFailed",
             format!("an output could not be uploaded after retries ({})", logs(&first)),

@@ -34,6 +34,8 @@ const CONTROLLER: &str = "remotejob";
 struct Ctx {
     shared: Arc<Context>,
     backoff: Backoff,
+    /// Reads the size and checksum of outputs from their stores.
+    stores: Option<reqwest::Client>,
 }
 
 /// Runs the RemoteJob controller until the process ends (jobs and sites within the operator's
@@ -55,6 +57,7 @@ pub async fn run(shared: Arc<Context>) {
     let ctx = Arc::new(Ctx {
         shared,
         backoff: Backoff::default(),
+        stores: outputs::client(),
     });
     let results = controller.shutdown_on_signal().run(reconcile, error_policy, ctx);
     super::drain(results, CONTROLLER).await;
@@ -91,12 +94,12 @@ fn site_views(store: &Store<OffloadSite>) -> Vec<SiteView> {
 }
 
 async fn reconcile(job: Arc<RemoteJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let action = apply(&job, &ctx.shared).await?;
+    let action = apply(&job, &ctx.shared, ctx.stores.as_ref()).await?;
     ctx.backoff.succeeded(&job.uid().unwrap_or_default());
     Ok(action)
 }
 
-async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
+async fn apply(job: &RemoteJob, ctx: &Context, stores: Option<&reqwest::Client>) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         // Its pods are deleted by garbage collection; their remote jobs by the execution controller.
         return Ok(Action::await_change());
@@ -171,7 +174,7 @@ async fn apply(job: &RemoteJob, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .any(|o| o.size.is_none() && o.message.is_none());
     if measured {
-        outputs::measure(ctx, &ns, &mut decision.status.outputs).await;
+        outputs::measure(ctx, stores, &ns, &mut decision.status.outputs).await;
     }
 
     if job.status.as_ref() != Some(&decision.status) {

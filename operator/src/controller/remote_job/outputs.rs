@@ -53,15 +53,23 @@ async fn credentials(ctx: &Context, namespace: &str, name: &str) -> Result<Crede
     })
 }
 
+/// The HTTP client of the object stores, made once for the controller (`None`, logged, when it
+/// cannot be built: outputs then say so in their message).
+pub fn client() -> Option<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot build the object-store client"))
+        .ok()
+}
+
 /// Fills in size and checksum of each output that has neither, or says why it cannot.
-pub async fn measure(ctx: &Context, namespace: &str, outputs: &mut [ArtifactStatus]) {
-    let client = match reqwest::Client::builder().timeout(TIMEOUT).build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot build the object-store client");
-            return;
-        }
-    };
+pub async fn measure(
+    ctx: &Context,
+    client: Option<&reqwest::Client>,
+    namespace: &str,
+    outputs: &mut [ArtifactStatus],
+) {
     for o in outputs
         .iter_mut()
         .filter(|o| o.size.is_none() && o.message.is_none())
@@ -87,7 +95,11 @@ pub async fn measure(ctx: &Context, namespace: &str, outputs: &mut [ArtifactStat
             region: o.region.clone().unwrap_or_else(|| "us-east-1".into()),
             credentials: creds,
         };
-        match s3::head(&client, &obj).await {
+        let Some(client) = client else {
+            o.message = Some("cannot read its size: no object-store client".into());
+            continue;
+        };
+        match s3::head(client, &obj).await {
             Ok(info) => {
                 o.size = Some(i64::try_from(info.size).unwrap_or(i64::MAX));
                 o.sha256 = info.sha256;
@@ -156,9 +168,7 @@ async fn observe_bandwidth(ctx: &Context, site: &str, data: &JobData, secs: f64)
     let Some(current) = ctx
         .sites
         .store()
-        .state()
-        .into_iter()
-        .find(|s| s.metadata.name.as_deref() == Some(site))
+        .get(&kube::runtime::reflector::ObjectRef::new(site))
     else {
         return;
     };

@@ -11,7 +11,7 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 
-use super::data::{JobData, Upstream, stage_failure};
+use super::data::{INPUT_MISSING, JobData, STAGE_REASONS, Upstream, stage_failure};
 use crate::{
     controller::events::Reason,
     controller::{
@@ -46,14 +46,6 @@ const SITE_REASONS: &[&str] = &[
     "Evicted",
     "Unschedulable",
     "UnexpectedAdmissionError",
-];
-
-/// Attempt reasons of the stage steps (docs/data.md), which also name the job's failure.
-const STAGE_REASONS: &[&str] = &[
-    "InputMissing",
-    "StageInFailed",
-    "OutputUploadFailed",
-    "OutputMissing",
 ];
 
 /// A site's readiness as the job controller sees it.
@@ -511,7 +503,7 @@ impl Planner<'_> {
                     .as_ref()
                     .and_then(|s| sites.iter().find(|v| &v.name == s))
                     .is_some_and(|v| self.data.has_local_input(&v.data));
-                if why == "InputMissing" && site_local {
+                if why == INPUT_MISSING && site_local {
                     *outcome = AttemptOutcome::SiteFailure;
                 }
             }
@@ -607,13 +599,13 @@ impl Planner<'_> {
     /// when one failed, and otherwise records where the inputs are.
     fn resolve_inputs(&mut self) {
         if self.job.spec.inputs_from.is_empty() || self.st.completion_time.is_some() {
-            self.data = JobData::of(self.job, &self.st.inputs);
             return;
         }
         let now_t = Time(self.now);
         match super::data::resolve(self.job, &self.st.inputs, self.upstream) {
             Upstream::Ready(inputs) => {
                 self.st.inputs = inputs;
+                self.data = JobData::of(self.job, &self.st.inputs);
                 set_condition(
                     &mut self.st.conditions,
                     conditions::WAITING_FOR_INPUTS,
@@ -656,7 +648,6 @@ impl Planner<'_> {
                 self.finish(false, "InputsFailed", why);
             }
         }
-        self.data = JobData::of(self.job, &self.st.inputs);
     }
 
     /// Ends the job: its phase, conditions, Event and duration.
@@ -810,7 +801,7 @@ impl Planner<'_> {
             let failures = self.st.attempts.iter().filter(|a| counts_as_failure(a)).count();
             let input_missing = last_ended.as_ref().filter(|a| {
                 a.outcome == Some(AttemptOutcome::ApplicationFailure)
-                    && a.reason.as_deref() == Some("InputMissing")
+                    && a.reason.as_deref() == Some(INPUT_MISSING)
             });
             if let Some(a) = last_ended
                 .as_ref()
@@ -825,7 +816,7 @@ impl Planner<'_> {
             } else if let Some(a) = input_missing {
                 // Another attempt would read the same store: no retry.
                 let msg = format!("{}; not retried", describe(a));
-                self.finish(false, "InputMissing", msg);
+                self.finish(false, INPUT_MISSING, msg);
             } else if self.waiting {
                 self.st.phase = Some(RemoteJobPhase::Pending);
             } else if failures as i64 > i64::from(spec.retry_limit) {
@@ -1104,7 +1095,7 @@ pub fn plan(
         pods,
         sites,
         upstream,
-        data: JobData::default(),
+        data: JobData::of(job, &st.inputs),
         waiting: false,
         now,
         generation: job.meta().generation,
@@ -1114,7 +1105,6 @@ pub fn plan(
         current: None,
     };
     p.adopt();
-    p.data = JobData::of(job, &p.st.inputs);
     p.follow_open();
     p.delete_closed_pods();
     p.check_deadline();
