@@ -136,6 +136,14 @@ pub struct RunArgs {
     /// as their first init container; the operator's own image ships it (ADR 0014).
     #[arg(long, env = "OFFLOAD_STAGE_IMAGE", default_value = concat!("ghcr.io/offload-operator/offload-operator:", env!("CARGO_PKG_VERSION")))]
     pub stage_image: String,
+    /// Seconds between two passes that ask each site what jobs it holds and delete there those
+    /// whose pod no longer exists (a pass also runs when this replica starts leading).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(5..=86400))]
+    pub orphan_sweep_seconds: u64,
+    /// Seconds a job must be seen at its site without a pod in the cluster before it is deleted
+    /// there (a pod being created, a watch cache that lags).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub orphan_grace_seconds: u64,
 }
 
 impl RunArgs {
@@ -299,6 +307,10 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         webhook: webhook.is_some(),
         kueue: args.kueue,
         stage_image: args.stage_image,
+        orphans: controller::execution::orphans::OrphanTiming {
+            every: std::time::Duration::from_secs(args.orphan_sweep_seconds),
+            grace: std::time::Duration::from_secs(args.orphan_grace_seconds),
+        },
     };
     let ctx = controller::Context::start(client.clone(), settings, metrics, health);
     match (

@@ -59,6 +59,8 @@ pub struct Metrics {
     /// Placements the data-locality score changed (the site differs from the one the other
     /// scores alone chose), by chosen site.
     pub data_placements_changed: IntCounterVec,
+    /// Jobs deleted at a site because their pod no longer exists in the cluster, by site.
+    pub orphans_deleted: IntCounterVec,
 }
 
 impl Metrics {
@@ -235,6 +237,14 @@ impl Metrics {
             ),
             &["site"],
         )?;
+        let orphans_deleted = IntCounterVec::new(
+            Opts::new(
+                "offload_orphans_deleted_total",
+                "Jobs deleted at a site because their pod no longer exists in the cluster, by site",
+            ),
+            &["site"],
+        )?;
+        registry.register(Box::new(orphans_deleted.clone()))?;
         registry.register(Box::new(data_staged_bytes.clone()))?;
         registry.register(Box::new(stage_in_duration.clone()))?;
         registry.register(Box::new(data_placements_changed.clone()))?;
@@ -287,6 +297,7 @@ impl Metrics {
             data_staged_bytes,
             stage_in_duration,
             data_placements_changed,
+            orphans_deleted,
         })
     }
 

@@ -18,7 +18,8 @@ use axum::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use offload_operator::interlink::wire::{
-    CreateStruct, LogStruct, PingAccelerator, PingResources, PingResponse, PodCreateRequests, PodStatus,
+    CreateStruct, LogStruct, PingAccelerator, PingResources, PingResponse, PingTaint, PodCreateRequests,
+    PodStatus,
 };
 use serde::Deserialize;
 use tokio::{sync::watch, task::JoinHandle};
@@ -259,6 +260,12 @@ impl SimHandle {
     /// rotated.
     pub fn set_token(&self, token: Option<String>) {
         self.state.lock().token = Some(token);
+    }
+
+    /// Sends these taints with every `/pinglink` answer from now on (`None`: no `taints` key), as
+    /// an interLink 0.6.2 site whose admin or plugin taints its node.
+    pub fn set_ping_taints(&self, taints: Option<Vec<PingTaint>>) {
+        self.state.lock().ping_taints = taints;
     }
 
     /// Number of pods the site knows.
@@ -621,7 +628,7 @@ async fn ping(AxState(app): AxState<App>) -> Response {
                 })
                 .collect(),
         }),
-        taints: None,
+        taints: app.state.lock().ping_taints.clone(),
     })
     .into_response()
 }

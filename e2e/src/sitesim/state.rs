@@ -6,7 +6,9 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use offload_operator::interlink::wire::{ContainerState, ContainerStatus, PodStatus, StateWaiting};
+use offload_operator::interlink::wire::{
+    ContainerState, ContainerStatus, PingTaint, PodStatus, StateWaiting,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
@@ -144,6 +146,8 @@ pub(crate) struct Inner {
     pub queue_delay: Option<std::time::Duration>,
     /// Replaces `SimConfig::token` from now on (a rotated credential).
     pub token: Option<Option<String>>,
+    /// The `taints` of `/pinglink` answers (`None`: none sent, as before interLink 0.6.2).
+    pub ping_taints: Option<Vec<PingTaint>>,
     pub pods: HashMap<String, SimPod>,
     pub stats: Stats,
     pub faults: Faults,
@@ -163,6 +167,7 @@ impl State {
             inner: Arc::new(Mutex::new(Inner {
                 queue_delay: None,
                 token: None,
+                ping_taints: None,
                 pods: HashMap::new(),
                 stats: Stats::default(),
                 faults: Faults::default(),

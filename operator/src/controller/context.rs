@@ -34,6 +34,8 @@ pub struct Settings {
     pub kueue: bool,
     /// Image of the stage tool for RemoteJob pods with data (ADR 0014).
     pub stage_image: String,
+    /// When each site is asked for jobs whose pod is gone (docs/adr/0015).
+    pub orphans: super::execution::orphans::OrphanTiming,
 }
 
 /// What every controller shares: one client, one cache per kind (one watch each, the pod cache

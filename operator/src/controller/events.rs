@@ -20,6 +20,9 @@ pub enum Reason {
     Draining,
     /// Accepted pods have not started within `podStartTimeoutSeconds`.
     PodsNotStarting,
+    /// The site asked for taints that were not applied as asked (NoExecute applied as
+    /// NoSchedule, invalid or duplicate taints left out).
+    SiteTaintsChanged,
     // Pods
     /// Bound to a site's virtual Node by the offload scheduler.
     Scheduled,
@@ -64,12 +67,13 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason (for docs and tests).
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::SiteReady,
         Reason::SiteUnreachable,
         Reason::CredentialsMissing,
         Reason::Draining,
         Reason::PodsNotStarting,
+        Reason::SiteTaintsChanged,
         Reason::Scheduled,
         Reason::FailedScheduling,
         Reason::Submitted,
@@ -99,6 +103,7 @@ impl Reason {
             Reason::CredentialsMissing => "CredentialsMissing",
             Reason::Draining => "Draining",
             Reason::PodsNotStarting => "PodsNotStarting",
+            Reason::SiteTaintsChanged => "SiteTaintsChanged",
             Reason::Scheduled => "Scheduled",
             Reason::FailedScheduling => "FailedScheduling",
             Reason::Submitted => "Submitted",
@@ -160,7 +165,8 @@ impl Events {
     }
 
     /// Publishes an Event about `reference`; a failure is logged, never fatal (Events are best
-    /// effort). The note is cut to 1000 characters, well within the API's limit.
+    /// effort). The note is cut to [`NOTE_MAX_BYTES`] bytes at a character boundary (the API's
+    /// limit is in bytes: 1000 characters of a multibyte script exceed it).
     pub async fn publish(&self, reference: &ObjectReference, reason: Reason, note: &str, action: &str) {
         let event = Event {
             type_: if reason.is_warning() {
@@ -169,7 +175,7 @@ impl Events {
                 EventType::Normal
             },
             reason: reason.as_str().into(),
-            note: Some(note.chars().take(1000).collect()),
+            note: Some(cut(note, NOTE_MAX_BYTES).into()),
             action: action.into(),
             secondary: None,
         };
@@ -179,9 +185,35 @@ impl Events {
     }
 }
 
+/// Longest Event note written, in bytes (the API refuses notes over 1 KiB).
+pub const NOTE_MAX_BYTES: usize = 1000;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Reason;
+    use super::{Reason, cut};
+
+    #[test]
+    fn notes_are_cut_in_bytes_at_a_character_boundary() {
+        assert_eq!(cut("abc", 10), "abc");
+        assert_eq!(cut("abcdef", 3), "abc");
+        // Three bytes each: 400 characters are 1200 bytes.
+        let long = "日".repeat(400);
+        let c = cut(&long, 1000);
+        assert!(c.len() <= 1000 && c.len() > 996, "{}", c.len());
+        assert!(c.chars().all(|ch| ch == '日'));
+    }
 
     #[test]
     fn every_reason_is_listed_once_and_named_as_written() {

@@ -16,7 +16,7 @@ use kube::Resource;
 
 use crate::{
     crd::{Architecture, OffloadSite, SiteKind},
-    interlink::wire::PingResponse,
+    interlink::wire::{PingResponse, PingTaint},
 };
 
 /// Label every site's Node carries (`offload.dev/site=<site>`); also the key of its taint.
@@ -131,17 +131,10 @@ pub fn desired_node(site: &OffloadSite, ping: Option<&PingResponse>, reachable: 
     if !reachable {
         taints.push(taint(UNREACHABLE_TAINT, "true"));
     }
-    // A ping answer with `taints` replaces the configured extra taints, as interLink does.
+    // A ping answer with `taints` replaces the configured extra taints, as interLink does, but
+    // never evicts unless the site is allowed to ([`site_taints`]).
     match ping.and_then(|p| p.taints.as_ref()) {
-        Some(from_site) => taints.extend(from_site.iter().map(|t| Taint {
-            key: t.key.clone(),
-            value: t.value.clone(),
-            effect: match t.effect.as_str() {
-                "PreferNoSchedule" | "NoExecute" => t.effect.clone(),
-                _ => "NoSchedule".into(),
-            },
-            time_added: None,
-        })),
+        Some(_) => taints.extend(applied_site_taints(site, ping).unwrap_or_default().taints),
         None => taints.extend(spec.node.iter().flat_map(|n| n.taints.clone())),
     }
     Node {
@@ -172,6 +165,131 @@ fn owner(site: &OffloadSite) -> OwnerReference {
         controller: Some(true),
         block_owner_deletion: None,
     }
+}
+
+/// The taints a site's ping asked for, as applied to its Node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SiteTaints {
+    /// What goes on the Node.
+    pub taints: Vec<Taint>,
+    /// Keys the site asked to be `NoExecute`, applied as `NoSchedule`.
+    pub downgraded: Vec<String>,
+    /// Taints left out, each with why (an invalid key or value, a duplicate, one of the
+    /// operator's own keys).
+    pub ignored: Vec<String>,
+}
+
+impl SiteTaints {
+    /// The `SiteTaintsApplied` condition: (status, reason, message).
+    pub fn condition(&self) -> (bool, &'static str, String) {
+        let ignored = if self.ignored.is_empty() {
+            String::new()
+        } else {
+            format!("; left out: {}", self.ignored.join(", "))
+        };
+        if !self.downgraded.is_empty() {
+            let message = format!(
+                "site asked for NoExecute, applied as NoSchedule ({}): no new pods go there, running pods \
+                 are not evicted; spec.node.allowSiteEviction lets the site evict{ignored}",
+                self.downgraded.join(", ")
+            );
+            return (false, "NoExecuteAppliedAsNoSchedule", message);
+        }
+        if !self.ignored.is_empty() {
+            let message = format!("taints the site asked for were not applied{ignored}");
+            return (false, "InvalidTaintsIgnored", message);
+        }
+        (
+            true,
+            "AsAsked",
+            "the site's taints, if any, are applied as it asked".into(),
+        )
+    }
+}
+
+/// The taints of a ping answer as they go on the Node: `NoExecute` becomes `NoSchedule` unless
+/// `allow_eviction`, unknown effects become `NoSchedule`, and taints the API server would refuse
+/// (invalid keys or values, a key and effect twice) or that would shadow the operator's own are
+/// left out, so one bad taint never stops the Node from being written.
+pub fn site_taints(from_site: &[PingTaint], allow_eviction: bool) -> SiteTaints {
+    let mut out = SiteTaints::default();
+    let mut seen = std::collections::HashSet::new();
+    for t in from_site {
+        if [SITE_LABEL, INTERLINK_TAINT, UNREACHABLE_TAINT].contains(&t.key.as_str()) {
+            out.ignored.push(format!("{} (the operator's own key)", t.key));
+            continue;
+        }
+        if !is_qualified_name(&t.key) {
+            out.ignored.push(format!("{:?} (not a valid key)", t.key));
+            continue;
+        }
+        if let Some(v) = &t.value
+            && !is_label_value(v)
+        {
+            out.ignored.push(format!("{} (value {v:?} is not valid)", t.key));
+            continue;
+        }
+        let effect = match t.effect.as_str() {
+            "PreferNoSchedule" => "PreferNoSchedule",
+            "NoExecute" if allow_eviction => "NoExecute",
+            "NoExecute" => "NoSchedule",
+            _ => "NoSchedule",
+        };
+        if !seen.insert((t.key.clone(), effect)) {
+            out.ignored.push(format!("{} (a duplicate)", t.key));
+            continue;
+        }
+        if t.effect == "NoExecute" && !allow_eviction {
+            out.downgraded.push(t.key.clone());
+        }
+        out.taints.push(Taint {
+            key: t.key.clone(),
+            value: t.value.clone(),
+            effect: effect.into(),
+            time_added: None,
+        });
+    }
+    out
+}
+
+/// The site's taints as applied, when its last ping said which (`None`: the ping carries no
+/// `taints`, the declared ones apply).
+pub fn applied_site_taints(site: &OffloadSite, ping: Option<&PingResponse>) -> Option<SiteTaints> {
+    let from_site = ping?.taints.as_ref()?;
+    let allow = site.spec.node.as_ref().is_some_and(|n| n.allow_site_eviction);
+    Some(site_taints(from_site, allow))
+}
+
+/// A Kubernetes qualified name (`[prefix/]name`), as taint keys and label keys must be.
+fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+/// A label value: empty, or up to 63 alphanumerics, `-`, `_` and `.`, starting and ending
+/// alphanumeric.
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Capacity: declared, overridden by what the ping reports. Zero or unparsable CPU or memory from
@@ -488,6 +606,70 @@ mod tests {
             taints[2].effect, "NoSchedule",
             "unknown effects default to NoSchedule"
         );
+    }
+
+    fn pt(key: &str, value: Option<&str>, effect: &str) -> PingTaint {
+        PingTaint {
+            key: key.into(),
+            value: value.map(Into::into),
+            effect: effect.into(),
+        }
+    }
+
+    #[test]
+    fn a_site_cannot_evict_unless_allowed_and_says_so() {
+        let asked = [
+            pt("maintenance", Some("true"), "NoExecute"),
+            pt("slow", None, "PreferNoSchedule"),
+        ];
+        let applied = site_taints(&asked, false);
+        let effects: Vec<&str> = applied.taints.iter().map(|t| t.effect.as_str()).collect();
+        assert_eq!(effects, ["NoSchedule", "PreferNoSchedule"]);
+        assert_eq!(applied.downgraded, ["maintenance"]);
+        let (ok, reason, message) = applied.condition();
+        assert!(!ok);
+        assert_eq!(reason, "NoExecuteAppliedAsNoSchedule");
+        assert!(
+            message.contains("site asked for NoExecute, applied as NoSchedule (maintenance)"),
+            "{message}"
+        );
+        let allowed = site_taints(&asked, true);
+        assert_eq!(allowed.taints[0].effect, "NoExecute");
+        assert!(allowed.downgraded.is_empty());
+        assert_eq!(allowed.condition().1, "AsAsked");
+    }
+
+    #[test]
+    fn invalid_and_duplicate_ping_taints_are_left_out_not_applied() {
+        let asked = [
+            pt("maintenance", None, "NoSchedule"),
+            pt("maintenance", Some("again"), "NoSchedule"),
+            // NoExecute applied as NoSchedule collides with the one above too.
+            pt("maintenance", None, "NoExecute"),
+            pt("bad key!", None, "NoSchedule"),
+            pt("", None, "NoSchedule"),
+            pt("example.com/ok", Some("not valid!"), "NoSchedule"),
+            pt(SITE_LABEL, Some("other"), "NoExecute"),
+            pt("example.com/fine", Some("v1.2_x"), "NoSchedule"),
+        ];
+        let applied = site_taints(&asked, false);
+        let keys: Vec<&str> = applied.taints.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(keys, ["maintenance", "example.com/fine"]);
+        assert_eq!(applied.ignored.len(), 6, "{:?}", applied.ignored);
+        assert_eq!(applied.condition().1, "InvalidTaintsIgnored");
+        // The whole Node stays writable: no key and effect twice.
+        let node = desired_node(
+            &site(),
+            Some(&PingResponse {
+                taints: Some(asked.to_vec()),
+                ..Default::default()
+            }),
+            true,
+        );
+        let taints = node.spec.and_then(|s| s.taints).expect("taints");
+        let pairs: std::collections::HashSet<_> = taints.iter().map(|t| (&t.key, &t.effect)).collect();
+        assert_eq!(pairs.len(), taints.len());
+        assert!(taints.iter().all(|t| t.effect != "NoExecute"));
     }
 
     #[test]

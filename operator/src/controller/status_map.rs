@@ -10,6 +10,10 @@ use k8s_openapi::{
 
 use crate::interlink::wire;
 
+/// The pod conditions the operator writes (as a kubelet does); any other type is someone else's
+/// and is left as it is: status writes merge conditions by type.
+pub const OWN_CONDITIONS: [&str; 4] = ["PodScheduled", "Initialized", "ContainersReady", "Ready"];
+
 /// The pod's new status from the site's answer. `now` stamps condition transitions; `start_time`
 /// is kept from the current status.
 pub fn map(pod: &Pod, remote: &wire::PodStatus, now: &Time) -> PodStatus {
@@ -78,6 +82,15 @@ pub fn map(pod: &Pod, remote: &wire::PodStatus, now: &Time) -> PodStatus {
         "Pending"
     };
     let all_ready = !app.is_empty() && app.iter().all(|c| c.ready);
+    // Readiness gates: conditions others write (a load balancer controller, say) that `Ready`
+    // waits for, as a kubelet's does.
+    let gates_pass = spec.readiness_gates.iter().flatten().all(|g| {
+        current
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == g.condition_type && c.status == "True")
+    });
     let cond = |type_: &str, ok: bool| {
         let status = if ok { "True" } else { "False" };
         let previous = current.conditions.iter().flatten().find(|c| c.type_ == type_);
@@ -97,7 +110,7 @@ pub fn map(pod: &Pod, remote: &wire::PodStatus, now: &Time) -> PodStatus {
             cond("PodScheduled", true),
             cond("Initialized", init_done),
             cond("ContainersReady", all_ready),
-            cond("Ready", all_ready),
+            cond("Ready", all_ready && gates_pass),
         ]),
         container_statuses: Some(app),
         init_container_statuses: if init.is_empty() { None } else { Some(init) },
@@ -179,6 +192,12 @@ pub fn changed(old: Option<&PodStatus>, new: &PodStatus) -> bool {
     let Some(old) = old else { return true };
     let strip = |s: &PodStatus| {
         let mut s = s.clone();
+        // Only the operator's own conditions: others' (readiness gates, `DisruptionTarget`)
+        // are kept by the merge and never call for a write.
+        if let Some(conditions) = s.conditions.as_mut() {
+            conditions.retain(|c| OWN_CONDITIONS.contains(&c.type_.as_str()));
+            conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+        }
         for c in s.conditions.iter_mut().flatten() {
             c.last_transition_time = None;
             c.last_probe_time = None;
@@ -394,6 +413,56 @@ mod tests {
         );
         assert_eq!(cond(&s, "Initialized").as_deref(), Some("True"));
         assert_eq!(cond(&s, "Ready").as_deref(), Some("True"));
+    }
+
+    #[test]
+    fn others_conditions_call_for_no_write_and_readiness_gates_hold_ready() {
+        let mut p = pod(false);
+        if let Some(spec) = p.spec.as_mut() {
+            spec.readiness_gates = Some(vec![k8s_openapi::api::core::v1::PodReadinessGate {
+                condition_type: "example.com/lb".into(),
+            }]);
+        }
+        let r = remote(&[("a", running()), ("b", running())], &[]);
+        let now = t("2026-01-01T00:02:00Z");
+        let first = map(&p, &r, &now);
+        let ready = |s: &PodStatus| {
+            s.conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.status.clone())
+        };
+        assert_eq!(
+            ready(&first).as_deref(),
+            Some("False"),
+            "the gate is not passed yet"
+        );
+        // Someone else passes the gate and adds a condition of their own.
+        let mut current = first.clone();
+        for (type_, status) in [("example.com/lb", "True"), ("DisruptionTarget", "False")] {
+            current.conditions.get_or_insert_default().push(PodCondition {
+                type_: type_.into(),
+                status: status.into(),
+                ..Default::default()
+            });
+        }
+        p.status = Some(current.clone());
+        let second = map(&p, &r, &now);
+        assert_eq!(ready(&second).as_deref(), Some("True"));
+        // As the API server has it after the merge: ours and theirs. Theirs alone are no reason
+        // to write again.
+        let mut third_pod = p.clone();
+        let mut passed = second.clone();
+        let theirs = current
+            .conditions
+            .iter()
+            .flatten()
+            .filter(|c| !OWN_CONDITIONS.contains(&c.type_.as_str()))
+            .cloned();
+        passed.conditions.get_or_insert_default().extend(theirs);
+        third_pod.status = Some(passed.clone());
+        assert!(!changed(Some(&passed), &map(&third_pod, &r, &now)));
     }
 
     #[test]

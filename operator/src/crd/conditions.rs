@@ -9,6 +9,9 @@ pub const CREDENTIALS_READY: &str = "CredentialsReady";
 pub const PODS_STARTING: &str = "PodsStarting";
 /// OffloadSite: cpu, memory and pods are declared or reported, not assumed.
 pub const CAPACITY_KNOWN: &str = "CapacityKnown";
+/// OffloadSite: the taints the site's ping asks for are applied as asked (False: a `NoExecute`
+/// applied as `NoSchedule`, or invalid taints left out).
+pub const SITE_TAINTS_APPLIED: &str = "SiteTaintsApplied";
 /// RemoteJob: the current attempt's pod is bound to a site.
 pub const SCHEDULED: &str = "Scheduled";
 /// RemoteJob: the current attempt runs.

@@ -307,6 +307,13 @@ pub struct VirtualNodeSpec {
     #[x_kube(validation = Rule::new("self.all(t, t.effect in ['NoSchedule', 'PreferNoSchedule', 'NoExecute'])")
         .message("a taint effect must be NoSchedule, PreferNoSchedule or NoExecute"))]
     pub taints: Vec<Taint>,
+    /// Apply `NoExecute` taints that the site's ping asks for (interLink 0.6.2 sends `taints`)
+    /// as `NoExecute`: the site's admin or plugin can then make Kubernetes evict every running pod
+    /// here that does not tolerate them, and their jobs are deleted. Off by default: they are
+    /// applied as `NoSchedule` (no new pods, running pods kept) and the `SiteTaintsApplied`
+    /// condition says so. Taints declared in `taints` above are always applied as written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_site_eviction: bool,
 }
 
 /// Observed state of a site, written by the operator.

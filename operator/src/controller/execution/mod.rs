@@ -4,6 +4,7 @@
 
 pub mod decide;
 mod gather;
+pub mod orphans;
 mod sync;
 pub mod token;
 mod unrecorded;
@@ -17,7 +18,7 @@ use std::{
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::{Controller, controller::Action},
 };
 use serde_json::json;
@@ -57,6 +58,10 @@ struct Ctx {
     /// pod (its grace period) before it removes it, and the reconcile that update triggers must
     /// not send the delete a second time.
     completed: Mutex<HashMap<String, Instant>>,
+    /// Per site, the reconciliation of its jobs against the cluster's pods ([`orphans`]).
+    orphans: Mutex<HashMap<String, orphans::SiteOrphans>>,
+    /// When each site is asked for orphaned jobs.
+    orphan_timing: orphans::OrphanTiming,
 }
 
 impl Ctx {
@@ -72,6 +77,7 @@ const COMPLETED_FOR: Duration = Duration::from_secs(120);
 pub async fn run(shared: Arc<Context>) {
     let controller = Controller::for_shared_stream(shared.pods.subscribe(), shared.pods.store().clone());
     let ctx = Arc::new(Ctx {
+        orphan_timing: shared.settings.orphans,
         shared,
         backoff: Backoff::default(),
         created: Mutex::default(),
@@ -82,6 +88,7 @@ pub async fn run(shared: Arc<Context>) {
         token_warned: Mutex::default(),
         unrecorded: Mutex::default(),
         completed: Mutex::default(),
+        orphans: Mutex::default(),
     });
     let results = controller
         .shutdown_on_signal()
@@ -246,7 +253,20 @@ async fn delete(
             client.find_created(pod, settle).await.is_some()
         };
         if at_site && !delete_at_site(&ctx.shared, pod, site, &client).await {
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            let deleting_since = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0);
+            if !hand_over(deleting_since, jiff::Timestamp::now()) {
+                return Ok(Action::requeue(jitter(Duration::from_secs(5), &uid)));
+            }
+            // The site has not confirmed for long: the pod goes, its job is left to the
+            // reconciliation of the site's jobs against the cluster (orphans), which deletes it
+            // there once the site answers.
+            let note = format!(
+                "site {site} has not confirmed the delete for {}s; the pod is removed and its job will be \
+                 deleted at the site by the orphaned-job check once the site answers",
+                HAND_OVER_AFTER.as_secs()
+            );
+            tracing::warn!(pod = %pod.name_any(), site, "{note}");
+            publish(&ctx.shared, pod, Reason::DeleteRetrying, &note).await;
         }
         if at_site {
             ctx.deleted_at_site
@@ -258,20 +278,51 @@ async fn delete(
         }
     }
     let pods: Api<Pod> = Api::namespaced(ctx.shared.client.clone(), &pod.namespace().unwrap_or_default());
-    match pods
-        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-        .await
-    {
-        Ok(_) | Err(kube::Error::Api(_)) => {
-            ctx.unrecorded().forget(&uid);
-            ctx.completed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uid, Instant::now());
-            Ok(Action::await_change())
-        }
-        Err(e) => Err(e.into()),
+    // The UID precondition: a new pod of the same name, created since, is not this one.
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(uid.clone()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(&pod.name_any(), &params).await {
+        Ok(_) => {}
+        // 404: already gone; 409: the precondition failed, the name belongs to another pod now.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        // Anything else (429, 500, a timeout) is retried with the controller's backoff.
+        Err(e) => return Err(e.into()),
     }
+    ctx.unrecorded().forget(&uid);
+    ctx.completed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(uid, Instant::now());
+    Ok(Action::await_change())
+}
+
+/// How long a pod being deleted is kept while its site does not confirm the delete; then the
+/// pod goes and the orphaned-job check deletes its job once the site answers.
+const HAND_OVER_AFTER: Duration = Duration::from_secs(600);
+
+/// Whether a pod deleted at `deleting_since` (its deletionTimestamp) and still not confirmed by
+/// its site is handed over to the orphaned-job check at `now`.
+pub(crate) fn hand_over(deleting_since: Option<jiff::Timestamp>, now: jiff::Timestamp) -> bool {
+    deleting_since.is_some_and(|since| {
+        now.duration_since(since)
+            .try_into()
+            .is_ok_and(|d: Duration| d >= HAND_OVER_AFTER)
+    })
+}
+
+/// `base` plus a random part of up to a fifth more: retries of many pods spread out instead of
+/// arriving at a site together.
+pub(crate) fn jitter(base: Duration, key: &str) -> Duration {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(key);
+    let fifth = base.as_millis() as u64 / 5;
+    base + Duration::from_millis(if fifth == 0 { 0 } else { random % fifth })
 }
 
 /// How long to ask a site whether a create sent at `sent_at` (the marker's RFC 3339 value) but
@@ -296,14 +347,16 @@ async fn delete_at_site(ctx: &Context, pod: &Pod, site: &str, client: &crate::in
         .inc();
     match result {
         Ok(_) => tracing::info!(pod = %pod.name_any(), site, "deleted at the site"),
-        Err(e) if e.is_retryable() && still_at_site(client, pod).await => {
+        // Any failure (a 401 while a token rotates, a TLS error, a 5xx) is retried while the
+        // site may still have the job: a delete is never given up on a refusal alone.
+        Err(e) if still_at_site(client, pod).await => {
             let note = format!("deleting at site {site} failed, retrying: {e}");
             publish(ctx, pod, Reason::DeleteRetrying, &note).await;
             return false;
         }
-        // A site that does not know the pod (or refuses) has nothing left to stop.
+        // The site answers that it does not know the pod: nothing is left to stop.
         Err(e) => {
-            tracing::info!(pod = %pod.name_any(), error = %e, "site delete refused; completing the deletion")
+            tracing::info!(pod = %pod.name_any(), error = %e, "site delete refused, and the site no longer has the pod")
         }
     }
     true
@@ -347,8 +400,9 @@ pub(super) async fn patch_status_and_annotations(
 ) -> Result<Pod, kube::Error> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     patch["metadata"] = json!({"annotations": annotations});
+    // Strategic: conditions merge by type, so those others wrote are kept.
     let after = api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
         .await?;
     let kept = annotations
         .iter()

@@ -15,7 +15,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Ctx, delete_at_site, fail, patch_status_and_annotations, token};
+use super::{Ctx, delete_at_site, fail, orphans, patch_status_and_annotations, token};
 use crate::{
     controller::{events::Reason, load, node::node_name, site_client, status_map, written::WrittenStatuses},
     crd::{ANNOTATION_TOKEN_EXPIRES, OffloadSite},
@@ -69,6 +69,7 @@ pub(super) async fn sync_forever(ctx: Arc<Ctx>) {
             tasks.spawn(async move {
                 let sync = async {
                     sweep_gone(&ctx, &site).await;
+                    reap_orphans(&ctx, &name).await;
                     sync_site(&ctx, &site).await
                 };
                 match tokio::time::timeout(SYNC_DEADLINE, sync).await {
@@ -151,6 +152,36 @@ async fn sweep_gone(ctx: &Ctx, site: &OffloadSite) {
                 .entry(name.clone())
                 .or_default()
                 .insert(uid, pod);
+        }
+    }
+}
+
+/// A pass of the reconciliation of the site's jobs against the cluster, when one is due
+/// ([`orphans`]): the first right after this replica starts leading, then periodically. A site
+/// that cannot be reached is asked again at the next sync.
+async fn reap_orphans(ctx: &Ctx, site: &str) {
+    // Judged against a partial pod cache, every job would look orphaned.
+    if !ctx.shared.pods.is_synced() {
+        return;
+    }
+    let due = ctx
+        .orphans
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(site.to_string())
+        .or_default()
+        .due(Instant::now(), ctx.orphan_timing);
+    if !due {
+        return;
+    }
+    let Some((client, true)) = site_client(&ctx.shared.registry, site) else {
+        return;
+    };
+    match orphans::reconcile_site(ctx, site, &client).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(site, deleted = n, "orphaned jobs deleted at the site"),
+        Err(e) => {
+            tracing::warn!(site, error = %e, "orphaned-job check failed; trying again at the next sync")
         }
     }
 }
@@ -291,8 +322,13 @@ async fn apply_answers(
                 patch_status_and_annotations(&api, &pod.name_any(), patch, annotations).await
             }
             None => {
-                api.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
+                // Strategic: conditions merge by type, so those others wrote are kept.
+                api.patch_status(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
+                .await
             }
         };
         match written {

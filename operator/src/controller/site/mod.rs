@@ -210,6 +210,7 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     let ping = assessment.health.last_ping.as_ref();
     let capacity = node::capacity(&site, ping);
     let assumed = node::assumed_capacity(&site, ping);
+    let site_taints = node::applied_site_taints(&site, ping);
     let now = Time(jiff::Timestamp::now());
     let old = site.status.clone().unwrap_or_default();
     let observed = status::Observed {
@@ -220,6 +221,7 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
         observed_wait,
         node_name: &node_name,
         pod_start_timeout_seconds: site.spec.pod_start_timeout_seconds,
+        site_taints: site_taints.as_ref(),
     };
     let new = status::build(&old, site.metadata.generation, &observed, &now);
     // Act.

@@ -10,7 +10,7 @@ use k8s_openapi::{
 
 use super::assess::Assessment;
 use crate::{
-    controller::{events::Reason, load},
+    controller::{events::Reason, load, node::SiteTaints},
     crd::{
         common::{is_true, set_condition},
         conditions,
@@ -38,6 +38,8 @@ pub struct Observed<'a> {
     pub node_name: &'a str,
     /// `spec.podStartTimeoutSeconds`.
     pub pod_start_timeout_seconds: i32,
+    /// The taints the site's ping asked for, as applied (`None`: it asked for none).
+    pub site_taints: Option<&'a SiteTaints>,
 }
 
 /// The site's new status.
@@ -83,6 +85,8 @@ pub fn build(
     set_condition(c, conditions::PODS_STARTING, starting, sr, &sm, generation, now);
     let (known, kr, km) = capacity_known(o.assumed);
     set_condition(c, conditions::CAPACITY_KNOWN, known, kr, &km, generation, now);
+    let (tok, tr, tm) = o.site_taints.cloned().unwrap_or_default().condition();
+    set_condition(c, conditions::SITE_TAINTS_APPLIED, tok, tr, &tm, generation, now);
     let capacity = Resources::from_quantities(o.capacity);
     let allocated = load::total(o.active);
     new.observed_generation = generation;
@@ -195,6 +199,15 @@ pub fn transitions(
     } else if !a.health.reachable && (was_ready || first) {
         out.push((Reason::SiteUnreachable, format!("{}: {}", a.reason, a.message)));
     }
+    if !is_true(&new.conditions, conditions::SITE_TAINTS_APPLIED) && was(conditions::SITE_TAINTS_APPLIED) {
+        let message = new
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::SITE_TAINTS_APPLIED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        out.push((Reason::SiteTaintsChanged, message));
+    }
     if let Some((_, message)) = &a.credentials_error
         && (was(conditions::CREDENTIALS_READY) || first)
     {
@@ -247,6 +260,7 @@ mod tests {
             observed_wait: Some(42),
             node_name: "offload-a",
             pod_start_timeout_seconds: 600,
+            site_taints: None,
         }
     }
 

@@ -1,0 +1,288 @@
+//! Nothing left running at a site, and no site evicting the cluster's pods: a pod force-deleted
+//! while its site is down or while no operator runs, and a delete the site refuses for a while,
+//! all end with the job deleted at the site; a site whose ping asks for a NoExecute taint evicts
+//! nothing unless allowed. Real control plane, real operator binary, simulators over HTTP.
+
+// Test code: helpers fail the test by panicking.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use k8s_openapi::api::{
+    core::v1::{Node, Pod},
+    events::v1::Event,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use offload_e2e::{
+    fixtures::{pod_builder, site_builder, wait_site_ready},
+    scenario::Scenario,
+    sitesim::{SimConfig, SimHandle, faults},
+    wait,
+};
+use offload_operator::interlink::wire::PingTaint;
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Orphaned jobs are looked for every 5 s and deleted after 3 s without a pod (defaults: 300 s
+/// and 60 s), so the tests measure the mechanism, not the waiting.
+const ORPHAN_ARGS: &[&str] = &["--orphan-sweep-seconds", "5", "--orphan-grace-seconds", "3"];
+
+/// The longest a job may stay at its site after the site (or the operator) is back: a health
+/// check to see the site ready, a pass that notes the job, the grace window, the pass that
+/// deletes it, with room for a loaded machine.
+const DELETED_WITHIN: Duration = Duration::from_secs(60);
+
+fn simulated() -> SimConfig {
+    SimConfig {
+        simulate: true,
+        ..SimConfig::default()
+    }
+}
+
+/// A long pod bound to `site`'s Node, running at the site.
+async fn long_pod(s: &Scenario, name: &str, site: &str) -> anyhow::Result<Pod> {
+    let pod = pod_builder(name).on_node(site).runs_for(3600).build()?;
+    s.pods.create(&PostParams::default(), &pod).await?;
+    s.running(name, TIMEOUT).await
+}
+
+async fn gone(s: &Scenario, name: &str) -> anyhow::Result<()> {
+    wait::until(&format!("pod {name} to be gone"), TIMEOUT, || async {
+        Ok::<_, kube::Error>(s.pods.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
+/// Waits until the site holds no job; returns how long that took.
+async fn site_empties(sim: &SimHandle, what: &str) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    wait::until(what, DELETED_WITHIN, || async {
+        let n = sim.pod_count();
+        if n == 0 {
+            Ok(Some(()))
+        } else {
+            Err(format!("the site still holds {n} job(s)"))
+        }
+    })
+    .await?;
+    Ok(start.elapsed())
+}
+
+async fn orphans_deleted(s: &Scenario, site: &str) -> anyhow::Result<u64> {
+    let metrics = s.operator_get("/metrics").await?;
+    let prefix = format!("offload_orphans_deleted_total{{site=\"{site}\"}} ");
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64)
+}
+
+#[tokio::test]
+async fn a_pod_force_deleted_during_a_site_outage_is_deleted_at_the_site_when_it_returns() {
+    Scenario::run_with("orphan-outage", ORPHAN_ARGS, |s| async move {
+        let sim = s.sim(simulated()).await?;
+        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+        wait_site_ready(&s.sites, &site).await?;
+        long_pod(&s, "long", &site).await?;
+        ensure!(sim.pod_count() == 1);
+        let outage = Duration::from_secs(20);
+        sim.go_down(outage);
+        let back_at = Instant::now() + outage;
+        s.pods.delete("long", &DeleteParams::default()).await?;
+        // The site cannot confirm: the pod stays, Terminating, as a kubelet's would ...
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let p = s.pods.get("long").await?;
+        ensure!(p.metadata.deletion_timestamp.is_some(), "being deleted");
+        // ... until its user forces it out (`kubectl delete --force --grace-period=0`).
+        s.pods
+            .delete("long", &DeleteParams::default().grace_period(0))
+            .await?;
+        gone(&s, "long").await?;
+        ensure!(sim.pod_count() == 1, "the site is down: its job is still there");
+        tokio::time::sleep(back_at.saturating_duration_since(Instant::now())).await;
+        let took = site_empties(&sim, "the orphaned job to be deleted at the site").await?;
+        eprintln!("the job was deleted at the site {took:?} after the site came back");
+        ensure!(
+            orphans_deleted(&s, &site).await? == 1,
+            "counted in offload_orphans_deleted_total"
+        );
+        let log = s.operator_log().await;
+        ensure!(log.contains("deleted an orphaned job at the site"), "logged");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pod_force_deleted_while_the_operator_is_down_is_deleted_at_the_site_after_the_restart() {
+    Scenario::run_with("orphan-restart", ORPHAN_ARGS, |s| async move {
+        let sim = s.sim(simulated()).await?;
+        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+        wait_site_ready(&s.sites, &site).await?;
+        long_pod(&s, "long", &site).await?;
+        // A pod whose job stays: it must survive the check.
+        long_pod(&s, "kept", &site).await?;
+        ensure!(sim.pod_count() == 2);
+        s.stop_operator().await;
+        // No kubelet runs for the Node: the user forces the pod out.
+        s.pods
+            .delete("long", &DeleteParams::default().grace_period(0))
+            .await?;
+        gone(&s, "long").await?;
+        s.start_operator().await?;
+        let start = Instant::now();
+        wait::until(
+            "the orphaned job to be deleted at the site",
+            DELETED_WITHIN,
+            || async {
+                let n = sim.pod_count();
+                if n == 1 {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("the site holds {n} jobs"))
+                }
+            },
+        )
+        .await?;
+        eprintln!(
+            "the job was deleted at the site {:?} after the operator restarted",
+            start.elapsed()
+        );
+        // Passes go on: the pod that exists keeps its job.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        ensure!(sim.pod_count() == 1, "the job of the existing pod was kept");
+        let kept = s.pods.get("kept").await?;
+        ensure!(kept.metadata.deletion_timestamp.is_none());
+        ensure!(orphans_deleted(&s, &site).await? == 1);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_delete_refused_with_401_is_retried_until_the_site_accepts_it() {
+    Scenario::run("orphan-401", |s| async move {
+        let sim = s.sim(simulated()).await?;
+        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+        wait_site_ready(&s.sites, &site).await?;
+        long_pod(&s, "long", &site).await?;
+        // A token mid-rotation: the site refuses every delete for 20 s.
+        sim.inject(faults::Fault {
+            op: "delete".into(),
+            kind: faults::FaultKind::Status {
+                code: 401,
+                body: "Unauthorized".into(),
+            },
+            count: 100_000,
+        });
+        let refused_until = Instant::now() + Duration::from_secs(20);
+        s.pods.delete("long", &DeleteParams::default()).await?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let p = s.pods.get_opt("long").await?;
+        ensure!(
+            p.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+            "the pod is kept (Terminating) while the site refuses the delete"
+        );
+        ensure!(sim.pod_count() == 1, "the job runs on");
+        ensure!(sim.stats().deletes == 0, "refused before the handler");
+        tokio::time::sleep(refused_until.saturating_duration_since(Instant::now())).await;
+        sim.clear_faults();
+        let took = site_empties(&sim, "the job to be deleted at the site").await?;
+        gone(&s, "long").await?;
+        eprintln!("deleted at the site {took:?} after the site accepted deletes again");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_site_asking_for_no_execute_evicts_nothing_unless_allowed() {
+    Scenario::run("site-noexecute", |s| async move {
+        let sim = s.sim(simulated()).await?;
+        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+        wait_site_ready(&s.sites, &site).await?;
+        long_pod(&s, "a", &site).await?;
+        long_pod(&s, "b", &site).await?;
+        let taint = |key: &str, effect: &str| PingTaint {
+            key: key.into(),
+            value: Some("true".into()),
+            effect: effect.into(),
+        };
+        // NoExecute, and the same key twice (which the API server would refuse on a Node).
+        sim.set_ping_taints(Some(vec![
+            taint("maintenance", "NoExecute"),
+            taint("maintenance", "NoExecute"),
+            taint("drain", "NoSchedule"),
+        ]));
+        let c = s.condition(&site, "SiteTaintsApplied", "False").await?;
+        ensure!(c.reason == "NoExecuteAppliedAsNoSchedule", "{c:?}");
+        ensure!(
+            c.message
+                .contains("site asked for NoExecute, applied as NoSchedule (maintenance)"),
+            "{}",
+            c.message
+        );
+        let nodes: Api<Node> = Api::all(s.t.client.clone());
+        let node_name = format!("offload-{site}");
+        wait::until("the site's taints on its Node", TIMEOUT, || async {
+            let n = nodes.get(&node_name).await?;
+            let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+            let has = |k: &str| taints.iter().any(|t| t.key == k && t.effect == "NoSchedule");
+            Ok::<_, kube::Error>((has("maintenance") && has("drain")).then_some(()))
+        })
+        .await?;
+        let n = nodes.get(&node_name).await?;
+        let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+        ensure!(taints.iter().all(|t| t.effect != "NoExecute"), "{taints:?}");
+        // The Node stays Ready: its writes did not fail on the duplicate.
+        let site_obj = s.sites.get(&site).await?;
+        let ready = site_obj
+            .status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.clone());
+        ensure!(ready.as_deref() == Some("True"), "{ready:?}");
+        let events: Api<Event> = Api::all(s.t.client.clone());
+        wait::until("a SiteTaintsChanged Event on the site", TIMEOUT, || async {
+            let list = events
+                .list(&ListParams::default().fields(&format!("regarding.name={site}")))
+                .await?;
+            Ok::<_, kube::Error>(
+                list.items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("SiteTaintsChanged"))
+                    .then_some(()),
+            )
+        })
+        .await?;
+        // Nothing is evicted.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        for name in ["a", "b"] {
+            let p = s.pods.get(name).await?;
+            ensure!(p.metadata.deletion_timestamp.is_none(), "{name} was evicted");
+        }
+        ensure!(sim.pod_count() == 2, "both jobs run on");
+
+        // A site allowed to evict does: kube-controller-manager evicts both pods, whose jobs are
+        // then deleted at the site.
+        s.sites
+            .patch(
+                &site,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"node": {"allowSiteEviction": true}}})),
+            )
+            .await?;
+        s.condition(&site, "SiteTaintsApplied", "True").await?;
+        site_empties(&sim, "the evicted pods' jobs to be deleted at the site").await?;
+        gone(&s, "a").await?;
+        gone(&s, "b").await?;
+        Ok(())
+    })
+    .await;
+}
