@@ -286,3 +286,57 @@ async fn a_site_asking_for_no_execute_evicts_nothing_unless_allowed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn conditions_written_by_others_survive_the_operator_s_status_writes() {
+    Scenario::run("foreign-conditions", |s| async move {
+        let sim = s.sim(simulated()).await?;
+        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+        wait_site_ready(&s.sites, &site).await?;
+        let gate = "example.com/lb-ready";
+        let pod = pod_builder("gated")
+            .on_node(&site)
+            .runs_for(12)
+            .merge_spec(json!({"readinessGates": [{"conditionType": gate}]}))
+            .build()?;
+        s.pods.create(&PostParams::default(), &pod).await?;
+        s.running("gated", TIMEOUT).await?;
+        let condition = |p: &Pod, type_: &str| {
+            p.status
+                .as_ref()
+                .and_then(|st| st.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == type_))
+                .map(|c| c.status.clone())
+        };
+        let p = s.pods.get("gated").await?;
+        ensure!(
+            condition(&p, "Ready").as_deref() == Some("False"),
+            "Ready waits for the readiness gate: {:?}",
+            p.status
+        );
+        // Another controller (a load balancer's, say) passes the gate.
+        let now = jiff::Timestamp::now().to_string();
+        s.pods
+            .patch_status(
+                "gated",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [
+                    {"type": gate, "status": "True", "lastTransitionTime": now}]}})),
+            )
+            .await?;
+        wait::until("Ready once the gate passes", TIMEOUT, || async {
+            let p = s.pods.get("gated").await?;
+            Ok::<_, kube::Error>((condition(&p, "Ready").as_deref() == Some("True")).then_some(()))
+        })
+        .await?;
+        // The operator writes the pod's status again when it ends: the gate's condition stays.
+        let done = s.phase("gated", "Succeeded", TIMEOUT).await?;
+        ensure!(
+            condition(&done, gate).as_deref() == Some("True"),
+            "the other controller's condition survives: {:?}",
+            done.status.and_then(|st| st.conditions)
+        );
+        Ok(())
+    })
+    .await;
+}

@@ -53,10 +53,49 @@ const TICK: Duration = Duration::from_secs(5);
 /// What the scheduler keeps between cycles.
 #[derive(Default)]
 struct State {
-    /// Per pod UID, the unschedulable message last written (written again only when it changes).
-    told: HashMap<String, String>,
+    /// Per pod UID, what the pod was last told it is unschedulable for ([`Told`]).
+    told: HashMap<String, Told>,
     /// Pods bound in an earlier cycle that the cache does not show bound yet.
     assumed: HashMap<String, Assumed>,
+}
+
+/// The unschedulable message last written on a pod: its reasons ([`reasons_of`]) and when.
+struct Told {
+    reasons: String,
+    at: Instant,
+}
+
+/// A pod told it is unschedulable for the same reasons is told again, with its numbers brought
+/// up to date, at most this often.
+const RETELL_AFTER: Duration = Duration::from_secs(300);
+
+/// The reasons of an unschedulable message without its numbers ("needs 8000, 3000 free", a
+/// queue wait that grows every second): what decides whether it is worth a write.
+fn reasons_of(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut in_number = false;
+    for ch in message.chars() {
+        let digit = ch.is_ascii_digit() || (in_number && ch == '.');
+        if digit && !in_number {
+            out.push('#');
+        } else if !digit {
+            out.push(ch);
+        }
+        in_number = digit;
+    }
+    out
+}
+
+/// Whether a pod told `told` is told `message` now: a status write and an Event when its
+/// reasons changed; a status write alone when only the numbers changed and the last is old.
+fn tell(told: Option<&Told>, message: &str, now: Instant) -> Option<bool> {
+    let reasons = reasons_of(message);
+    match told {
+        None => Some(true),
+        Some(t) if t.reasons != reasons => Some(true),
+        Some(t) if now.saturating_duration_since(t.at) >= RETELL_AFTER => Some(false),
+        Some(_) => None,
+    }
 }
 
 /// Runs the scheduler until the process ends.
@@ -95,7 +134,11 @@ async fn cycle(ctx: &Context, state: &mut State) {
         .filter_map(|p| Some((p.uid()?, p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))))
         .collect();
     snapshot::settle_assumed(&mut state.assumed, &cached);
-    let pending: Vec<Arc<Pod>> = pending(&pods)
+    let waiting = pending(&pods);
+    // Pods that left (bound, deleted, finished) are forgotten: the map never outgrows the queue.
+    let uids: std::collections::HashSet<String> = waiting.iter().filter_map(|p| p.uid()).collect();
+    state.told.retain(|uid, _| uids.contains(uid));
+    let pending: Vec<Arc<Pod>> = waiting
         .into_iter()
         .filter(|p| !state.assumed.contains_key(&p.uid().unwrap_or_default()))
         .collect();
@@ -258,23 +301,25 @@ async fn bind(client: &Client, pod: &Pod, site: &str, decision: &Decision) -> Re
     Ok(())
 }
 
-/// `PodScheduled=False` (or `Failed` under a "fail" policy), with an Event when the reasons change.
+/// `PodScheduled=False` (or `Failed` under a "fail" policy), with an Event when the reasons
+/// change ([`tell`]): a pod that keeps waiting for the same reasons costs no write per cycle.
 async fn unschedulable(
     ctx: &Context,
     pod: &Pod,
     message: &str,
     fail: bool,
-    told: &mut HashMap<String, String>,
+    told: &mut HashMap<String, Told>,
 ) {
     let uid = pod.uid().unwrap_or_default();
-    if told.get(&uid).map(String::as_str) == Some(message) {
+    let now = Instant::now();
+    let Some(with_event) = tell(told.get(&uid), message, now) else {
         return;
-    }
+    };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
-    let now = Time(jiff::Timestamp::now());
+    let at = Time(jiff::Timestamp::now());
     let mut status = json!({"status": {"conditions": [{
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-        "message": message, "lastTransitionTime": now, "lastProbeTime": null}]}});
+        "message": message, "lastTransitionTime": at, "lastProbeTime": null}]}});
     if fail {
         status["status"]["phase"] = "Failed".into();
         status["status"]["reason"] = "Unschedulable".into();
@@ -291,15 +336,23 @@ async fn unschedulable(
         tracing::warn!(pod = %pod.name_any(), error = %e, "cannot mark the pod unschedulable");
         return;
     }
-    ctx.events
-        .publish(
-            &pod.object_ref(&()),
-            Reason::FailedScheduling,
-            message,
-            "Scheduling",
-        )
-        .await;
-    told.insert(uid, message.to_string());
+    if with_event || fail {
+        ctx.events
+            .publish(
+                &pod.object_ref(&()),
+                Reason::FailedScheduling,
+                message,
+                "Scheduling",
+            )
+            .await;
+    }
+    told.insert(
+        uid,
+        Told {
+            reasons: reasons_of(message),
+            at: now,
+        },
+    );
 }
 
 /// `Ready` and the eligible sites of each policy (site-level filters only), written on change.
@@ -438,4 +491,41 @@ where
         .into_iter()
         .map(Arc::new)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_reasons_decide_and_numbers_are_refreshed_rarely() {
+        let a = "0/2 sites are available under policy p: hpc: insufficient cpu: needs 8000, 3000 free; htc: queue wait 1.5s over 1s";
+        let b = "0/2 sites are available under policy p: hpc: insufficient cpu: needs 8000, 2000 free; htc: queue wait 17.25s over 1s";
+        assert_eq!(reasons_of(a), reasons_of(b));
+        assert_ne!(
+            reasons_of(a),
+            reasons_of("0/2 sites are available under policy p: hpc: site is not ready")
+        );
+        let t0 = Instant::now();
+        assert_eq!(tell(None, a, t0), Some(true), "first time: a write and an Event");
+        let told = Told {
+            reasons: reasons_of(a),
+            at: t0,
+        };
+        assert_eq!(
+            tell(Some(&told), b, t0 + Duration::from_secs(5)),
+            None,
+            "numbers only"
+        );
+        assert_eq!(
+            tell(Some(&told), b, t0 + RETELL_AFTER),
+            Some(false),
+            "numbers refreshed, without an Event"
+        );
+        assert_eq!(
+            tell(Some(&told), "no site exists", t0 + Duration::from_secs(1)),
+            Some(true),
+            "new reasons: at once"
+        );
+    }
 }
