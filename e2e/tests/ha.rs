@@ -334,3 +334,145 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
     )
     .await;
 }
+
+/// The chart's outage-tolerations MutatingAdmissionPolicy, rendered by Helm and applied, bound to
+/// `namespace` only (the cluster is shared with other tests, some of which need evictions).
+/// Returns the rendered file, for the cleanup.
+fn apply_outage_policy(
+    cluster: &offload_e2e::Cluster,
+    namespace: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let selector = json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}).to_string();
+    let out = std::process::Command::new(offload_e2e::helm::binary()?)
+        .args(["template", "x"])
+        .arg(offload_e2e::cluster::repo_root().join("helm/offload-operator"))
+        .args(["--show-only", "templates/outage-tolerations.yaml"])
+        .args([
+            "--api-versions",
+            "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy",
+        ])
+        .args(["--set", &format!("fullnameOverride={namespace}")])
+        .args([
+            "--set-json",
+            &format!("outageTolerations.namespaceSelector={selector}"),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = cluster.dir.join(format!("outage-policy-{namespace}.yaml"));
+    std::fs::write(&path, &out.stdout)?;
+    let applied = cluster.kubectl().arg("apply").arg("-f").arg(&path).output()?;
+    ensure!(
+        applied.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    Ok(path)
+}
+
+/// Every replica down past the pods' toleration with the chart's MutatingAdmissionPolicy in place:
+/// a pod naming the offload scheduler, an interLink-style pod (nodeSelector and the interLink
+/// toleration, bound by kube-scheduler) and a pod created on a site's Node get untimed outage
+/// tolerations from the API server itself (no webhook, no operator), so none is evicted and all
+/// complete after the restart; a pod that opts out (`offload.dev/outage-tolerations: "false"`)
+/// is evicted, which shows the outage was long enough.
+#[tokio::test]
+async fn no_opted_in_pod_is_evicted_while_every_replica_is_down() {
+    Scenario::run_with(
+        "ha-policy",
+        &["--node-lease-renew-seconds", "2"],
+        |s| async move {
+            let cluster = s.t.cluster;
+            let evict_after = Duration::from_secs(cluster.node_grace_seconds + cluster.toleration_seconds);
+            let outage = evict_after * 2;
+            let policy_file = apply_outage_policy(cluster, &s.t.name)?;
+            let sim = s
+                .sim(SimConfig {
+                    simulate: true,
+                    ..SimConfig::default()
+                })
+                .await?;
+            let zone = json!({"node": {"labels": {ZONE_LABEL: s.t.name}}});
+            let site = s.create_site(&site_builder("hpc").merge(zone), &sim.url).await?;
+            wait_site_ready(&s.sites, &site).await?;
+            let peers: Vec<String> = (1..=2).map(|i| format!("{}-peer-{i}", s.t.name)).collect();
+            let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
+                s.t.client.clone(),
+                peers.clone(),
+                Some(s.t.name.clone()),
+            ));
+            let result = async {
+                let runs_for = (outage + Duration::from_secs(30)).as_secs() as u32;
+                let interlink_style = pod_builder("interlink")
+                    .without_scheduler()
+                    .runs_for(runs_for)
+                    .merge_spec(json!({
+                        "nodeSelector": {"offload.dev/site": site},
+                        "tolerations": [
+                            {"key": "virtual-node.interlink/no-schedule", "operator": "Exists", "effect": "NoSchedule"},
+                            {"key": "offload.dev/site", "operator": "Exists", "effect": "NoSchedule"}]}));
+                let pods = [
+                    s.pod("named").runs_for(runs_for),
+                    interlink_style,
+                    pod_builder("pinned").on_node(&site).runs_for(runs_for),
+                    pod_builder("opted-out")
+                        .on_node(&site)
+                        .annotate("offload.dev/outage-tolerations", "false"),
+                ];
+                // The policy takes effect once the API server has loaded it: a dry-run shows when.
+                wait::until("the outage policy in effect", Duration::from_secs(30), || async {
+                    let p = pods[0].build().map_err(|e| e.to_string())?;
+                    let dry = s
+                        .pods
+                        .create(&PostParams { dry_run: true, ..Default::default() }, &p)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let untimed = dry.spec.and_then(|s| s.tolerations).unwrap_or_default().iter().any(|t| {
+                        t.key.as_deref() == Some("node.kubernetes.io/unreachable") && t.toleration_seconds.is_none()
+                    });
+                    Ok::<_, String>(untimed.then_some(()))
+                })
+                .await?;
+                for p in &pods {
+                    s.pods.create(&PostParams::default(), &p.build()?).await?;
+                }
+                for name in ["named", "interlink", "pinned", "opted-out"] {
+                    s.running(name, Duration::from_secs(90)).await?;
+                }
+                s.stop_operator().await;
+                eprintln!("operator stopped for {outage:?} (node grace + default toleration, twice)");
+                tokio::time::sleep(outage).await;
+                let l = s.pods.list(&ListParams::default()).await?;
+                let deleting = |name: &str| {
+                    l.items
+                        .iter()
+                        .find(|p| p.metadata.name.as_deref() == Some(name))
+                        .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+                };
+                ensure!(deleting("opted-out"), "the opted-out pod was not evicted: the outage proves nothing");
+                for name in ["named", "interlink", "pinned"] {
+                    ensure!(!deleting(name), "{name} was evicted");
+                }
+                s.start_operator().await?;
+                for name in ["named", "interlink", "pinned"] {
+                    s.phase(name, "Succeeded", Duration::from_secs(120)).await?;
+                }
+                // Each created once: no retry, no duplicate.
+                exactly_once(&[sim.stats()], 4)?;
+                Ok(())
+            }
+            .await;
+            keeper.abort();
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.t.client.clone());
+            for p in &peers {
+                let _ = nodes.delete(p, &Default::default()).await;
+            }
+            let _ = cluster.kubectl().arg("delete").arg("-f").arg(&policy_file).output();
+            result
+        },
+    )
+    .await;
+}

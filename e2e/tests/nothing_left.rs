@@ -278,7 +278,21 @@ async fn a_site_asking_for_no_execute_evicts_nothing_unless_allowed() {
                 &Patch::Merge(json!({"spec": {"node": {"allowSiteEviction": true}}})),
             )
             .await?;
-        s.condition(&site, "SiteTaintsApplied", "True").await?;
+        wait::until("maintenance:NoExecute on the Node", TIMEOUT, || async {
+            let n = nodes.get(&node_name).await?;
+            let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+            let evicting = taints
+                .iter()
+                .any(|t| t.key == "maintenance" && t.effect == "NoExecute");
+            Ok::<_, kube::Error>(evicting.then_some(()))
+        })
+        .await?;
+        // Still False: the duplicate is left out, and the condition says so.
+        let c = s.condition(&site, "SiteTaintsApplied", "False").await?;
+        ensure!(
+            c.reason == "InvalidTaintsIgnored" && c.message.contains("maintenance (a duplicate)"),
+            "{c:?}"
+        );
         site_empties(&sim, "the evicted pods' jobs to be deleted at the site").await?;
         gone(&s, "a").await?;
         gone(&s, "b").await?;
