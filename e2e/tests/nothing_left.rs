@@ -354,3 +354,48 @@ async fn conditions_written_by_others_survive_the_operator_s_status_writes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_site_answering_with_nothing_for_a_while_loses_no_pod() {
+    Scenario::run("empty-answers", |s| async move {
+        let sim = s.sim(simulated()).await?;
+        // The shortest window a site may set: 10 s (its empty answers count after 100 s).
+        let site = s
+            .create_site(&site_builder("hpc").set("lostAfterSeconds", json!(10)), &sim.url)
+            .await?;
+        wait_site_ready(&s.sites, &site).await?;
+        long_pod(&s, "a", &site).await?;
+        long_pod(&s, "b", &site).await?;
+        // A plugin restarting: every status answer is empty for 45 s or so (one a second).
+        sim.inject(faults::Fault {
+            op: "status".into(),
+            kind: faults::FaultKind::Status {
+                code: 200,
+                body: "[]".into(),
+            },
+            count: 45,
+        });
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        // The operator logs each empty answer (at debug, the tests' level).
+        let answered = s
+            .operator_log()
+            .await
+            .matches("the site answered with nothing")
+            .count();
+        for name in ["a", "b"] {
+            let p = s.pods.get(name).await?;
+            let phase = p.status.as_ref().and_then(|st| st.phase.clone());
+            ensure!(
+                phase.as_deref() == Some("Running"),
+                "{name} after {:?} of empty answers: {phase:?}",
+                start.elapsed()
+            );
+        }
+        // Many answers, over far more than the 10 s window.
+        ensure!(answered >= 20, "{answered} empty answers");
+        ensure!(sim.pod_count() == 2);
+        Ok(())
+    })
+    .await;
+}

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod crd;
 pub mod health;
 pub mod interlink;
+pub mod jitter;
 pub mod kubeclient;
 pub mod kubelet;
 pub mod leader;

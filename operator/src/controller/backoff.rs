@@ -65,19 +65,30 @@ pub fn delay(category: Category, failures: u32) -> Duration {
     base.saturating_mul(1 << doublings).min(cap)
 }
 
-/// Failure counts per object key (a UID or a name).
+pub use crate::jitter::jitter;
+
+/// An object that has not failed for this long is forgotten (it reconciled, or it is gone: a
+/// deleted object never succeeds): longer than the longest delay.
+const FORGET_AFTER: Duration = Duration::from_secs(900);
+
+/// Failure counts per object key (a UID or a name), with when each last failed.
 #[derive(Default)]
 pub struct Backoff {
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<String, (u32, std::time::Instant)>>,
 }
 
 impl Backoff {
-    /// Counts one failure of `key` and returns how long to wait before the retry.
+    /// Counts one failure of `key` and returns how long to wait before the retry (the category's
+    /// delay, without jitter: [`jitter`] is added by the caller).
     pub fn failed(&self, key: &str, category: Category) -> Duration {
+        let now = std::time::Instant::now();
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = f.entry(key.to_string()).or_default();
-        *n = n.saturating_add(1);
-        delay(category, *n)
+        // Entries of objects that stopped failing long ago (deleted ones never succeed) go.
+        f.retain(|_, (_, at)| now.saturating_duration_since(*at) < FORGET_AFTER);
+        let n = f.entry(key.to_string()).or_insert((0, now));
+        n.0 = n.0.saturating_add(1);
+        n.1 = now;
+        delay(category, n.0)
     }
 
     /// Forgets the failures of `key` (it reconciled).
@@ -86,6 +97,12 @@ impl Backoff {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+    }
+
+    /// How many objects have failures on record.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -116,6 +133,7 @@ mod tests {
         );
         b.succeeded("a");
         assert_eq!(b.failed("a", Category::Transient), Duration::from_secs(1));
+        assert_eq!(b.len(), 2);
     }
 
     #[test]

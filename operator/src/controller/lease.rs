@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
@@ -18,6 +19,11 @@ use super::{Context, node::node_name};
 /// (default 10 s, as a kubelet).
 pub const DURATION_SECONDS: i32 = 40;
 
+/// Longest one renewal may take before it is given up until the next round.
+const RENEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Renewals in flight at once.
+const RENEW_CONCURRENCY: usize = 8;
+
 /// Renews the leases of every site in the cache every `--node-lease-renew-seconds`, forever;
 /// beats the `node-leases` heartbeat once per round (a renewer that hangs makes `/healthz` fail
 /// before the leases expire for long).
@@ -26,15 +32,28 @@ pub async fn renew_forever(ctx: Arc<Context>) {
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), "kube-node-lease");
     loop {
         heartbeat.beat();
-        for site in ctx.sites.store().state() {
-            if site.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            let name = node_name(site.metadata.name.as_deref().unwrap_or_default());
-            if let Err(e) = renew(&leases, &name).await {
-                tracing::warn!(node = %name, error = %e, "cannot renew the node lease");
-            }
-        }
+        let nodes: Vec<String> = ctx
+            .sites
+            .store()
+            .state()
+            .iter()
+            .filter(|site| site.metadata.deletion_timestamp.is_none())
+            .map(|site| node_name(site.metadata.name.as_deref().unwrap_or_default()))
+            .collect();
+        // Several at once, each with a deadline: one hung request does not hold the others past
+        // their leases' expiry.
+        futures::stream::iter(nodes)
+            .for_each_concurrent(RENEW_CONCURRENCY, |name| {
+                let leases = leases.clone();
+                async move {
+                    match tokio::time::timeout(RENEW_TIMEOUT, renew(&leases, &name)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(node = %name, error = %e, "cannot renew the node lease"),
+                        Err(_) => tracing::warn!(node = %name, timeout = ?RENEW_TIMEOUT, "node lease renewal timed out"),
+                    }
+                }
+            })
+            .await;
         tokio::time::sleep(ctx.settings.lease_renew).await;
     }
 }

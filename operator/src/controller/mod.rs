@@ -112,7 +112,7 @@ pub(crate) fn on_error(
     } else {
         tracing::warn!(controller, object = key, category = category.as_str(), retry_in = ?delay, error = %err, "reconcile failed");
     }
-    kube::runtime::controller::Action::requeue(delay)
+    kube::runtime::controller::Action::requeue(backoff::jitter(delay))
 }
 
 /// Drives a controller's result stream to its end, logging each result at debug level. An object

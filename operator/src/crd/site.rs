@@ -131,6 +131,14 @@ pub struct OffloadSiteSpec {
     #[schemars(range(min = 1, max = 3600))]
     pub status_sync_interval_seconds: i32,
 
+    /// Seconds a pod may be left out of the site's status answers (three answers in a row at
+    /// least) before it is failed with reason `OffloadLost` (the site forgot its job). An answer
+    /// with no entry at all (a plugin restarting answers with nothing for a while) is not proof:
+    /// then the pods are failed only after ten times as long.
+    #[serde(default = "default_lost_after")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub lost_after_seconds: i32,
+
     /// Extra labels and taints for the site's virtual Node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<VirtualNodeSpec>,
@@ -156,6 +164,10 @@ fn default_pod_start_timeout() -> i32 {
 
 fn default_sync_interval() -> i32 {
     5
+}
+
+fn default_lost_after() -> i32 {
+    30
 }
 
 /// Credentials and TLS settings for one site.

@@ -22,6 +22,11 @@ use super::{
 /// HTML page is not).
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
+/// Largest answer read from a site (logs are streamed, not read whole): a status answer for a
+/// chunk of 500 pods is about 1 MiB; a site answering far more is broken and must not exhaust the
+/// operator's memory.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
 /// Per-operation time limits.
 #[derive(Clone, Debug)]
 pub struct Timeouts {
@@ -266,7 +271,7 @@ impl SiteClient {
             if garbled || attempt >= self.retry.attempts {
                 return Err(err);
             }
-            tokio::time::sleep(self.retry.backoff(attempt)).await;
+            tokio::time::sleep(crate::jitter::jitter(self.retry.backoff(attempt))).await;
             attempt += 1;
         }
     }
@@ -383,7 +388,7 @@ impl SiteClient {
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(err) if err.is_retryable() && attempt < self.retry.attempts => {
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    tokio::time::sleep(crate::jitter::jitter(self.retry.backoff(attempt))).await;
                     attempt += 1;
                 }
                 Err(err) => return Err(err),
@@ -431,11 +436,40 @@ impl SiteClient {
     }
 }
 
-async fn read_body(op: Op, resp: reqwest::Response, timeout: Duration) -> Result<Bytes, Error> {
-    match tokio::time::timeout(timeout, resp.bytes()).await {
+async fn read_body(op: Op, mut resp: reqwest::Response, timeout: Duration) -> Result<Bytes, Error> {
+    let read = async {
+        let mut body = bytes::BytesMut::new();
+        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(too_large(op));
+        }
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| Error::from_reqwest(op, timeout, &e))?
+        {
+            if !fits(body.len(), chunk.len(), MAX_BODY) {
+                return Err(too_large(op));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(Error::Timeout { op, after: timeout }),
-        Ok(Err(e)) => Err(Error::from_reqwest(op, timeout, &e)),
-        Ok(Ok(b)) => Ok(b),
+        Ok(result) => result,
+    }
+}
+
+/// Whether `more` bytes still fit after `have`, within `max`.
+fn fits(have: usize, more: usize, max: usize) -> bool {
+    have.checked_add(more).is_some_and(|n| n <= max)
+}
+
+fn too_large(op: Op) -> Error {
+    Error::Decode {
+        op,
+        reason: format!("the answer is larger than {} MiB", MAX_BODY / (1024 * 1024)),
+        body: String::new(),
     }
 }
 
@@ -501,6 +535,14 @@ mod tests {
             "HTTP InterLink session CreatePod#7: call exit status: 500. Body: sbatch: unrecognized option '--no-such-flag' & \"more\""
         );
         assert_eq!(truncate(b"plain"), "plain");
+    }
+
+    #[test]
+    fn answers_are_read_up_to_the_cap() {
+        assert!(fits(0, MAX_BODY, MAX_BODY));
+        assert!(!fits(1, MAX_BODY, MAX_BODY));
+        assert!(!fits(usize::MAX, 1, MAX_BODY), "no overflow");
+        assert_eq!(too_large(Op::Status).reason(), "InvalidResponse");
     }
 
     #[test]

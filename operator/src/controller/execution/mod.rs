@@ -255,7 +255,7 @@ async fn delete(
         if at_site && !delete_at_site(&ctx.shared, pod, site, &client).await {
             let deleting_since = pod.metadata.deletion_timestamp.as_ref().map(|t| t.0);
             if !hand_over(deleting_since, jiff::Timestamp::now()) {
-                return Ok(Action::requeue(jitter(Duration::from_secs(5), &uid)));
+                return Ok(Action::requeue(super::backoff::jitter(Duration::from_secs(5))));
             }
             // The site has not confirmed for long: the pod goes, its job is left to the
             // reconciliation of the site's jobs against the cluster (orphans), which deletes it
@@ -314,15 +314,6 @@ pub(crate) fn hand_over(deleting_since: Option<jiff::Timestamp>, now: jiff::Time
             .try_into()
             .is_ok_and(|d: Duration| d >= HAND_OVER_AFTER)
     })
-}
-
-/// `base` plus a random part of up to a fifth more: retries of many pods spread out instead of
-/// arriving at a site together.
-pub(crate) fn jitter(base: Duration, key: &str) -> Duration {
-    use std::hash::BuildHasher;
-    let random = std::collections::hash_map::RandomState::new().hash_one(key);
-    let fifth = base.as_millis() as u64 / 5;
-    base + Duration::from_millis(if fifth == 0 { 0 } else { random % fifth })
 }
 
 /// How long to ask a site whether a create sent at `sent_at` (the marker's RFC 3339 value) but
@@ -491,12 +482,30 @@ mod tests {
 
     #[test]
     fn a_pod_is_lost_only_after_several_answers_over_time() {
-        assert!(!is_lost(1, Duration::from_secs(600)), "one answer is not enough");
+        let window = Duration::from_secs(30);
         assert!(
-            !is_lost(10, Duration::from_secs(5)),
+            !is_lost(1, Duration::from_secs(600), window, false),
+            "one answer is not enough"
+        );
+        assert!(
+            !is_lost(10, Duration::from_secs(5), window, false),
             "a site's status cache may lag a new job"
         );
-        assert!(is_lost(3, Duration::from_secs(30)));
+        assert!(is_lost(3, Duration::from_secs(30), window, false));
+        assert!(
+            !is_lost(3, Duration::from_secs(30), Duration::from_secs(120), false),
+            "the window is the site's"
+        );
+    }
+
+    #[test]
+    fn answers_that_know_no_pod_count_only_after_ten_windows() {
+        let window = Duration::from_secs(30);
+        assert!(
+            !is_lost(20, Duration::from_secs(60), window, true),
+            "a restarting plugin answers with nothing for a while"
+        );
+        assert!(is_lost(20, Duration::from_secs(300), window, true));
     }
 
     #[test]

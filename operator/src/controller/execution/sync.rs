@@ -22,14 +22,25 @@ use crate::{
     interlink::{Error as SiteError, wire::PodStatus},
 };
 
-/// A pod the site's answers have left out this many times in a row, over at least this long, is
-/// lost (the site forgot it: restarted without state, purged, or deleted it behind our back).
+/// A pod the site's answers have left out this many times in a row, over at least the site's
+/// `lostAfterSeconds`, is lost (the site forgot it: restarted without state, purged, or deleted
+/// it behind our back).
 const LOST_AFTER_ANSWERS: u32 = 3;
-const LOST_AFTER: Duration = Duration::from_secs(30);
 
-/// Whether a pod missing from `answers` status answers in a row, first missed `since` ago, is lost.
-pub(super) fn is_lost(answers: u32, since: Duration) -> bool {
-    answers >= LOST_AFTER_ANSWERS && since >= LOST_AFTER
+/// An answer with no entry at all is not proof that the site lost its pods (a plugin that
+/// restarts answers with nothing for a while): pods count as lost from such answers only after
+/// this many times the window.
+const EMPTY_ANSWERS_SLOWER: u32 = 10;
+
+/// Whether a pod missing from `answers` status answers in a row, first missed `since` ago, is
+/// lost, with the site's window `after` and whether the last answer had no entry at all.
+pub(super) fn is_lost(answers: u32, since: Duration, after: Duration, answered_nothing: bool) -> bool {
+    let after = if answered_nothing {
+        after.saturating_mul(EMPTY_ANSWERS_SLOWER)
+    } else {
+        after
+    };
+    answers >= LOST_AFTER_ANSWERS && since >= after
 }
 
 /// Longest one site's status sync may take (its `/status` requests with their retries, then the
@@ -197,6 +208,25 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
             .filter(|p| p.metadata.deletion_timestamp.is_none() && unrecorded.remote_id(p).is_some())
             .collect()
     };
+    {
+        // Forget pods of this site that are no longer active.
+        let uids: HashSet<String> = active.iter().filter_map(|p| p.uid()).collect();
+        let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
+        missing.retain(|uid, (site, _, _)| site != &name || uids.contains(uid));
+        drop(missing);
+        let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+        written.entry(name.clone()).or_default().retain(&uids);
+        drop(written);
+        let mut warned = ctx.token_warned.lock().unwrap_or_else(|p| p.into_inner());
+        warned
+            .entry(name.clone())
+            .or_default()
+            .retain(|u| uids.contains(u));
+        drop(warned);
+        // A pod deleted before it ever ran leaves no queue-time sample to take.
+        let mut created = ctx.created.lock().unwrap_or_else(|p| p.into_inner());
+        created.retain(|uid, (site, _)| site != &name || uids.contains(uid));
+    }
     for phase in ["Pending", "Running"] {
         let n = active.iter().filter(|p| load::phase(p) == phase).count();
         ctx.shared
@@ -240,22 +270,8 @@ async fn sync_site(ctx: &Ctx, site: &OffloadSite) -> Result<(), SyncError> {
         .with_label_values(&[&name])
         .observe(start.elapsed().as_secs_f64());
     let now = Time(jiff::Timestamp::now());
-    {
-        // Forget pods of this site that are no longer active.
-        let uids: HashSet<String> = active.iter().filter_map(|p| p.uid()).collect();
-        let mut missing = ctx.missing.lock().unwrap_or_else(|p| p.into_inner());
-        missing.retain(|uid, (site, _, _)| site != &name || uids.contains(uid));
-        drop(missing);
-        let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
-        written.entry(name.clone()).or_default().retain(&uids);
-        drop(written);
-        let mut warned = ctx.token_warned.lock().unwrap_or_else(|p| p.into_inner());
-        warned
-            .entry(name.clone())
-            .or_default()
-            .retain(|u| uids.contains(u));
-    }
-    let patched = apply_answers(ctx, &name, &active, &statuses, &now).await;
+    let lost_after = Duration::from_secs(site.spec.lost_after_seconds.max(1) as u64);
+    let patched = apply_answers(ctx, &name, &active, &statuses, &now, lost_after).await;
     tracing::debug!(site = %name, pods = active.len(), answered = statuses.len(), patched, took = ?start.elapsed(), "status synced");
     Ok(())
 }
@@ -268,6 +284,7 @@ async fn apply_answers(
     active: &[Arc<Pod>],
     statuses: &[PodStatus],
     now: &Time,
+    lost_after: Duration,
 ) -> usize {
     let mut patched = 0usize;
     // By UID: one lookup per pod, not a scan of the answers.
@@ -276,6 +293,13 @@ async fn apply_answers(
         .filter(|s| s.is_known())
         .map(|s| (s.uid.as_str(), s))
         .collect();
+    // No entry at all, for pods it held a moment ago: a plugin restarting, a cache being rebuilt.
+    // An entry that says "unknown" (the SLURM plugin echoes a purged pod with empty states) is
+    // an answer about the pod; silence is not.
+    let answered_nothing = !active.is_empty() && statuses.is_empty();
+    if answered_nothing {
+        tracing::debug!(site = name, pods = active.len(), "the site answered with nothing");
+    }
     for pod in active {
         let uid = pod.uid().unwrap_or_default();
         // An entry the site answers with for a pod it does not know (no job id, no state) is as
@@ -287,7 +311,7 @@ async fn apply_answers(
                     .entry(uid.clone())
                     .or_insert_with(|| (name.to_string(), 0, Instant::now()));
                 entry.1 += 1;
-                is_lost(entry.1, entry.2.elapsed())
+                is_lost(entry.1, entry.2.elapsed(), lost_after, answered_nothing)
             };
             if lost {
                 let jid = ctx.unrecorded().remote_id(pod).unwrap_or_default();

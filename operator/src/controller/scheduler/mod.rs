@@ -49,6 +49,9 @@ pub const SCHEDULER_NAME: &str = "offload-scheduler";
 const MANAGER: &str = "offload-scheduler";
 /// A cycle runs at least this often (a pod that fit nowhere may fit now).
 const TICK: Duration = Duration::from_secs(5);
+/// Longest one bind may take (the binding is retried next cycle; the UID in it makes a late
+/// success harmless).
+const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the scheduler keeps between cycles.
 #[derive(Default)]
@@ -214,9 +217,17 @@ async fn place_one(
             .inc();
         return;
     };
-    if let Err(e) = bind(&ctx.client, pod, site, &decision).await {
-        tracing::warn!(pod = %pod.name_any(), error = %e, "binding failed; retried next cycle");
-        return;
+    // A deadline: a hung bind would hold the whole cycle (every other pending pod) with it.
+    match tokio::time::timeout(BIND_TIMEOUT, bind(&ctx.client, pod, site, &decision)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(pod = %pod.name_any(), error = %e, "binding failed; retried next cycle");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(pod = %pod.name_any(), timeout = ?BIND_TIMEOUT, "binding timed out; retried next cycle");
+            return;
+        }
     }
     snapshot::reserve(
         snapshots,
