@@ -206,10 +206,19 @@ async fn place_one(
                 decision.rejection_summary()
             }
         );
-        let fail = policies
-            .iter()
-            .find(|p| p.name_any() == chosen.name)
-            .is_some_and(|p| p.spec.when_nothing_fits == WhenNothingFits::Fail);
+        // A sharded operator leaves a pod that is not pinned to it pending: another shard may
+        // have a site for it.
+        let other_shards = ctx.settings.site_selector.is_some() && !policy::pinned(pod);
+        let fail = !other_shards
+            && policies
+                .iter()
+                .find(|p| p.name_any() == chosen.name)
+                .is_some_and(|p| p.spec.when_nothing_fits == WhenNothingFits::Fail);
+        let message = if other_shards {
+            format!("{message} (among this operator's shard; another shard may place the pod)")
+        } else {
+            message
+        };
         unschedulable(ctx, pod, &message, fail, &mut state.told).await;
         metrics
             .placements

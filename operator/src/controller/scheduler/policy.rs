@@ -58,6 +58,14 @@ pub fn in_shard(pod: &Pod, sites: &[Arc<OffloadSite>], policies: &[Arc<OffloadPo
             .is_none_or(|n| sites.iter().any(|s| &s.name_any() == n))
 }
 
+/// Whether the pod names a policy or pins a site: in a sharded operator, only such a pod belongs
+/// to one shard for certain. One naming neither may be placed by any shard, so no shard fails it
+/// when nothing of its own fits (`whenNothingFits: Fail` applies to pinned pods only).
+pub fn pinned(pod: &Pod) -> bool {
+    let a = pod.annotations();
+    a.contains_key(ANNOTATION_POLICY) || a.contains_key(ANNOTATION_SITE)
+}
+
 /// The named policy (when the pod may use it), else the highest-priority matching one, else the
 /// built-in default (every site, default weights).
 pub fn choose_policy(
@@ -129,5 +137,38 @@ pub fn view(p: &OffloadPolicy) -> PolicyView {
             .map(|q| crate::quantity::int(&q.0)),
         weights: p.spec.weights.clone(),
         strategy: p.spec.strategy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "annotations": annotations}}))
+            .expect("pod")
+    }
+
+    fn named<K: serde::de::DeserializeOwned>(kind: &str, name: &str) -> Arc<K> {
+        Arc::new(
+            serde_json::from_value(
+                serde_json::json!({"apiVersion": "offload.dev/v1alpha1", "kind": kind,
+                "metadata": {"name": name}, "spec": {"endpoint": "https://x", "namespaceSelector": {}}}),
+            )
+            .expect("object"),
+        )
+    }
+
+    #[test]
+    fn only_a_pod_naming_a_policy_or_a_site_belongs_to_one_shard() {
+        let sites = [named::<OffloadSite>("OffloadSite", "hpc")];
+        let policies = [named::<OffloadPolicy>("OffloadPolicy", "gpu")];
+        let free = pod(serde_json::json!({}));
+        assert!(!pinned(&free));
+        assert!(in_shard(&free, &sites, &policies), "any shard may place it");
+        let mine = pod(serde_json::json!({ANNOTATION_POLICY: "gpu"}));
+        assert!(pinned(&mine) && in_shard(&mine, &sites, &policies));
+        let theirs = pod(serde_json::json!({ANNOTATION_SITE: "htc"}));
+        assert!(pinned(&theirs) && !in_shard(&theirs, &sites, &policies));
     }
 }
