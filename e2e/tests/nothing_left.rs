@@ -399,3 +399,54 @@ async fn a_site_answering_with_nothing_for_a_while_loses_no_pod() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_site_named_like_a_real_node_does_not_take_it_over() {
+    Scenario::run("node-taken", |s| async move {
+        let sim = s.sim(simulated()).await?;
+        // A real node (a plain Node object here) with the name the site's Node would get, and a
+        // pod of its own.
+        let node_name = format!("offload-{}", s.name("worker"));
+        let nodes: Api<Node> = Api::all(s.t.client.clone());
+        let real: Node =
+            serde_json::from_value(json!({"metadata": {"name": node_name, "labels": {"team": "real"}}}))?;
+        nodes.create(&PostParams::default(), &real).await?;
+        let result = async {
+            let theirs: Pod = serde_json::from_value(json!({"metadata": {"name": "theirs"},
+                "spec": {"nodeName": node_name, "containers": [{"name": "main", "image": "busybox"}]}}))?;
+            s.pods.create(&PostParams::default(), &theirs).await?;
+            let site = s.create_site(&site_builder("worker"), &sim.url).await?;
+            let c = s.condition(&site, "Ready", "False").await?;
+            ensure!(c.reason == "NodeNameTaken", "{c:?}");
+            ensure!(c.message.contains("does not take it over"), "{}", c.message);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let n = nodes.get(&node_name).await?;
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            ensure!(!labels.contains_key("offload.dev/site"), "relabelled: {labels:?}");
+            ensure!(
+                n.metadata.owner_references.is_none(),
+                "adopted: {:?}",
+                n.metadata.owner_references
+            );
+            ensure!(
+                n.spec.and_then(|s| s.taints).unwrap_or_default().is_empty(),
+                "tainted"
+            );
+            // The real node's pod is left to its kubelet: nothing sent to the site, no status.
+            let p = s.pods.get("theirs").await?;
+            ensure!(sim.stats().creates_per_uid.is_empty(), "sent to the site");
+            ensure!(p.status.and_then(|st| st.phase).as_deref() == Some("Pending"));
+            // Deleting the site leaves the Node alone.
+            offload_e2e::fixtures::delete_sites(&s.t, &s.sites, &[&site]).await?;
+            ensure!(
+                nodes.get_opt(&node_name).await?.is_some(),
+                "the real node was deleted with the site"
+            );
+            Ok(())
+        }
+        .await;
+        let _ = nodes.delete(&node_name, &DeleteParams::default()).await;
+        result
+    })
+    .await;
+}

@@ -39,6 +39,14 @@ pub async fn renew_forever(ctx: Arc<Context>) {
             .iter()
             .filter(|site| site.metadata.deletion_timestamp.is_none())
             .map(|site| node_name(site.metadata.name.as_deref().unwrap_or_default()))
+            // Only the operator's own Nodes (the site controller writes each, and its first
+            // Lease, once it is sure the name is not a real node's).
+            .filter(|node| {
+                ctx.nodes
+                    .store()
+                    .get(&kube::runtime::reflector::ObjectRef::new(node))
+                    .is_some()
+            })
             .collect();
         // Several at once, each with a deadline: one hung request does not hold the others past
         // their leases' expiry.

@@ -292,6 +292,47 @@ fn is_label_value(v: &str) -> bool {
             && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()))
 }
 
+/// Whether the site reports that its Node's name belongs to a Node the operator does not own
+/// (its `Ready` condition's reason `NodeNameTaken`, written by the site controller).
+pub fn is_node_taken(site: &OffloadSite) -> bool {
+    site.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == crate::crd::conditions::READY && c.reason == NODE_TAKEN_REASON)
+    })
+}
+
+/// The `Ready` reason of a site whose Node name is taken by a Node the operator does not own.
+pub const NODE_TAKEN_REASON: &str = "NodeNameTaken";
+
+/// Why `node` is not site `site`'s virtual Node, if it is not: the operator writes only Nodes
+/// that carry the site's label or an OffloadSite owner of that name, never a real node that
+/// happens to be named `offload-<site>` (its force-apply would take the Node over, and garbage
+/// collection would delete it with the site).
+pub fn not_owned(node: &Node, site: &str) -> Option<String> {
+    let labelled = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SITE_LABEL))
+        .map(String::as_str)
+        == Some(site);
+    let owned = node
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "OffloadSite" && o.name == site);
+    if labelled || owned {
+        return None;
+    }
+    Some(format!(
+        "a Node named {} exists and is not this site's virtual Node (no {SITE_LABEL}={site} label, no OffloadSite \
+         owner): the operator does not take it over; rename the site or remove that Node",
+        node.metadata.name.as_deref().unwrap_or_default()
+    ))
+}
+
 /// Capacity: declared, overridden by what the ping reports. Zero or unparsable CPU or memory from
 /// a site is ignored (interLink issue #558: a 0 from a plugin would empty the node).
 pub fn capacity(site: &OffloadSite, ping: Option<&PingResponse>) -> BTreeMap<String, Quantity> {
@@ -670,6 +711,21 @@ mod tests {
         let pairs: std::collections::HashSet<_> = taints.iter().map(|t| (&t.key, &t.effect)).collect();
         assert_eq!(pairs.len(), taints.len());
         assert!(taints.iter().all(|t| t.effect != "NoExecute"));
+    }
+
+    #[test]
+    fn a_node_the_operator_does_not_own_is_never_taken_over() {
+        let ours = desired_node(&site(), None, true);
+        assert_eq!(not_owned(&ours, "hpc"), None);
+        let real: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "offload-hpc", "labels": {"kubernetes.io/hostname": "offload-hpc"}}}))
+        .expect("node");
+        let why = not_owned(&real, "hpc").expect("not ours");
+        assert!(why.contains("does not take it over"), "{why}");
+        assert!(
+            not_owned(&ours, "other").is_some(),
+            "another site's Node is not this one's"
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub struct Facts<'a> {
     pub site: Option<&'a OffloadSite>,
     /// Whether the pod's Node is named like a site's Node (its site may not be cached yet).
     pub node_looks_like_a_site: bool,
+    /// Whether the pod's Node is the site's virtual Node: in the cache of the operator's Nodes
+    /// (`None`), or not yet (`Some(false)`), or a Node of that name the operator does not own
+    /// (`Some(true)`: a real node named like the site's; its pods are its kubelet's).
+    pub node_taken: Option<bool>,
     /// The site's client, if built: `Some(reachable)`.
     pub client: Option<bool>,
     /// The labels of the pod's namespace.
@@ -70,6 +74,11 @@ pub fn decide(f: &Facts) -> Step {
             Step::Ignore
         };
     };
+    match f.node_taken {
+        None => {}
+        Some(true) => return Step::Ignore,
+        Some(false) => return Step::WaitForSite,
+    }
     let pod = f.pod;
     let annotations = pod.annotations();
     if pod.metadata.deletion_timestamp.is_some() {
@@ -153,6 +162,7 @@ mod tests {
             pod,
             site,
             node_looks_like_a_site: true,
+            node_taken: None,
             client,
             namespace_labels: &labels,
             created_here,
@@ -188,6 +198,7 @@ mod tests {
             pod: &p,
             site: None,
             node_looks_like_a_site: false,
+            node_taken: None,
             client: None,
             namespace_labels: &BTreeMap::new(),
             created_here: false,
@@ -226,6 +237,35 @@ mod tests {
             },
             "deleted at the site without asking whether it is there"
         );
+    }
+
+    #[test]
+    fn pods_on_a_node_the_operator_does_not_own_are_left_alone() {
+        let s = site();
+        let p = pod(json!({}));
+        let labels = BTreeMap::from([("team".to_string(), "a".to_string())]);
+        let with = |node_taken| {
+            decide(&Facts {
+                pod: &p,
+                site: Some(&s),
+                node_looks_like_a_site: true,
+                node_taken,
+                client: Some(true),
+                namespace_labels: &labels,
+                created_here: false,
+            })
+        };
+        assert_eq!(
+            with(Some(true)),
+            Step::Ignore,
+            "a real node's pods are its kubelet's"
+        );
+        assert_eq!(
+            with(Some(false)),
+            Step::WaitForSite,
+            "the site's Node is not written yet"
+        );
+        assert_eq!(with(None), Step::Create { ask_first: false });
     }
 
     #[test]

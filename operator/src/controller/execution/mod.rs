@@ -111,6 +111,19 @@ fn site_of(ctx: &Context, pod: &Pod) -> Option<Arc<OffloadSite>> {
     ctx.site(node::site_of_node(node)?)
 }
 
+/// [`Facts::node_taken`]: `None` when `node` is in the cache of the operator's Nodes.
+fn node_taken(ctx: &Context, site: Option<&OffloadSite>, node: &str) -> Option<bool> {
+    let ours = ctx
+        .nodes
+        .store()
+        .get(&kube::runtime::reflector::ObjectRef::new(node))
+        .is_some();
+    if ours {
+        return None;
+    }
+    Some(site.is_some_and(node::is_node_taken))
+}
+
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let shared = &ctx.shared;
     let site = site_of(shared, &pod);
@@ -127,6 +140,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         pod: &pod,
         site: site.as_deref(),
         node_looks_like_a_site: node::site_of_node(node).is_some(),
+        node_taken: node_taken(shared, site.as_deref(), node),
         client: client.as_ref().map(|(_, reachable)| *reachable),
         namespace_labels: &labels,
         created_here: ctx.unrecorded().contains(&pod),

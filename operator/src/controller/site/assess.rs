@@ -57,6 +57,17 @@ pub struct Assessment {
     pub latency: Option<Duration>,
 }
 
+/// `a`, for a site whose Node name belongs to a Node the operator does not own: not ready, so
+/// nothing is placed or run there, whatever the ping says.
+pub fn node_taken(mut a: Assessment, message: &str) -> Assessment {
+    a.health.reachable = false;
+    a.reason = crate::controller::node::NODE_TAKEN_REASON.into();
+    a.message = message.into();
+    a.ready_reason = a.reason.clone();
+    a.ready_message = a.message.clone();
+    a
+}
+
 /// The health after `probe`, given the `previous` one and the failure threshold.
 pub fn assess(previous: &Health, probe: &Probe, threshold: i32) -> Assessment {
     let mut health = previous.clone();

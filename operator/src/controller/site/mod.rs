@@ -207,6 +207,18 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
         let persisted = site.status.as_ref().and_then(|s| s.observed_queue_wait_seconds);
         (a, h.observed_wait(persisted))
     };
+    // A Node of that name the operator does not own (a real node named like the site's) is
+    // never taken over: the site stays not ready and says why.
+    let taken = foreign_node(ctx, &site, &node_name).await?;
+    let assessment = match &taken {
+        None => assessment,
+        Some(message) => {
+            let a = assess::node_taken(assessment, message);
+            let mut registry = ctx.registry.lock().unwrap_or_else(|p| p.into_inner());
+            registry.entry(name.clone()).or_default().health = a.health.clone();
+            a
+        }
+    };
     let ping = assessment.health.last_ping.as_ref();
     let capacity = node::capacity(&site, ping);
     let assumed = node::assumed_capacity(&site, ping);
@@ -225,7 +237,9 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     };
     let new = status::build(&old, site.metadata.generation, &observed, &now);
     // Act.
-    write_node(ctx, &site, &assessment, &now).await?;
+    if taken.is_none() {
+        write_node(ctx, &site, &assessment, &now).await?;
+    }
     if status::changed(&old, &new) {
         let api: Api<OffloadSite> = Api::all(ctx.client.clone());
         // The measured bandwidth is the RemoteJob controller's field (its own field manager).
@@ -244,6 +258,20 @@ async fn apply(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
         ctx.events.publish(&reference, reason, &note, "Probe").await;
     }
     Ok(Action::requeue(every))
+}
+
+/// Why the Node `node_name` is not the site's to write, if it exists and the operator does not
+/// own it (read from the cache of the operator's Nodes, else from the API server).
+async fn foreign_node(ctx: &Context, site: &OffloadSite, node_name: &str) -> Result<Option<String>, Error> {
+    let cached = ctx
+        .nodes
+        .store()
+        .get(&kube::runtime::reflector::ObjectRef::new(node_name));
+    let node = match cached {
+        Some(n) => Some((*n).clone()),
+        None => Api::<Node>::all(ctx.client.clone()).get_opt(node_name).await?,
+    };
+    Ok(node.and_then(|n| node::not_owned(&n, &site.name_any())))
 }
 
 /// The virtual Node, its status and its Lease.
@@ -364,6 +392,16 @@ fn fingerprint(c: &crate::interlink::SiteConfig) -> u64 {
 async fn cleanup(site: Arc<OffloadSite>, ctx: &Context) -> Result<Action, Error> {
     let name = site.name_any();
     let node_name = node::node_name(&name);
+    if let Some(why) = foreign_node(ctx, &site, &node_name).await? {
+        // Not the site's Node: its pods and its Lease are its kubelet's; nothing to drain.
+        tracing::info!(site = %name, "{why}; removing the site without touching that Node");
+        ctx.metrics.forget_site(&name);
+        ctx.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        return Ok(Action::await_change());
+    }
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     let bound = pods
         .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
