@@ -335,44 +335,6 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
     .await;
 }
 
-/// The chart's outage-tolerations MutatingAdmissionPolicy, rendered by Helm and applied, bound to
-/// `namespace` only (the cluster is shared with other tests, some of which need evictions).
-/// Returns the rendered file, for the cleanup.
-fn apply_outage_policy(
-    cluster: &offload_e2e::Cluster,
-    namespace: &str,
-) -> anyhow::Result<std::path::PathBuf> {
-    let selector = json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}).to_string();
-    let out = std::process::Command::new(offload_e2e::helm::binary()?)
-        .args(["template", "x"])
-        .arg(offload_e2e::cluster::repo_root().join("helm/offload-operator"))
-        .args(["--show-only", "templates/outage-tolerations.yaml"])
-        .args([
-            "--api-versions",
-            "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy",
-        ])
-        .args(["--set", &format!("fullnameOverride={namespace}")])
-        .args([
-            "--set-json",
-            &format!("outageTolerations.namespaceSelector={selector}"),
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = cluster.dir.join(format!("outage-policy-{namespace}.yaml"));
-    std::fs::write(&path, &out.stdout)?;
-    let applied = cluster.kubectl().arg("apply").arg("-f").arg(&path).output()?;
-    ensure!(
-        applied.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
-    Ok(path)
-}
-
 /// Every replica down past the pods' toleration with the chart's MutatingAdmissionPolicy in place:
 /// a pod naming the offload scheduler, an interLink-style pod (nodeSelector and the interLink
 /// toleration, bound by kube-scheduler) and a pod created on a site's Node get untimed outage
@@ -388,7 +350,18 @@ async fn no_opted_in_pod_is_evicted_while_every_replica_is_down() {
             let cluster = s.t.cluster;
             let evict_after = Duration::from_secs(cluster.node_grace_seconds + cluster.toleration_seconds);
             let outage = evict_after * 2;
-            let policy_file = apply_outage_policy(cluster, &s.t.name)?;
+            // The chart's policy, bound to this test's namespace only (the cluster is shared with
+            // tests that need evictions).
+            let policy_file = offload_e2e::helm::apply_template(
+                cluster,
+                "outage-tolerations",
+                &s.t.name,
+                &["admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"],
+                &[(
+                    "outageTolerations.namespaceSelector",
+                    json!({"matchLabels": {"kubernetes.io/metadata.name": s.t.name}}),
+                )],
+            )?;
             let sim = s
                 .sim(SimConfig {
                     simulate: true,

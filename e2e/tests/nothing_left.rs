@@ -450,3 +450,77 @@ async fn a_site_named_like_a_real_node_does_not_take_it_over() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_operator_may_request_only_pod_bound_tokens() {
+    use k8s_openapi::api::{
+        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    Scenario::run("token-policy", |s| async move {
+        // The chart's policy, for the operator's identity in the test PKI, in this namespace only.
+        let cluster = s.t.cluster;
+        let file = offload_e2e::helm::apply_template(
+            cluster,
+            "token-request-policy",
+            &s.t.name,
+            &["admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"],
+            &[
+                ("tokenRequestPolicy.extraUsernames", json!(["offload-operator"])),
+                (
+                    "tokenRequestPolicy.namespaceSelector",
+                    json!({"matchLabels": {"kubernetes.io/metadata.name": s.t.name}}),
+                ),
+            ],
+        )?;
+        let result = async {
+            let sas: Api<ServiceAccount> = Api::namespaced(cluster.operator_client().await?, &s.t.name);
+            let request = |bound: Option<&Pod>| TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: None,
+                    bound_object_ref: bound.map(|p| BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: p.metadata.name.clone(),
+                        uid: p.metadata.uid.clone(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            // A free-floating token for the namespace's service account: refused.
+            wait::until("the unbound token refused", TIMEOUT, || async {
+                match sas
+                    .create_subresource::<_, TokenRequest>("token", "default", &PostParams::default(), &request(None))
+                    .await
+                {
+                    Err(kube::Error::Api(e)) if e.message.contains("only bound to a pod") => Ok(Some(())),
+                    other => Err(format!("{:?}", other.map(|_| "a token")))
+                }
+            })
+            .await?;
+            // Bound to a pod: allowed.
+            let holder: Pod = serde_json::from_value(json!({"metadata": {"name": "holder"},
+                "spec": {"nodeName": format!("{}-nowhere", s.t.name), "containers": [{"name": "main", "image": "busybox"}]}}))?;
+            let holder = s.pods.create(&PostParams::default(), &holder).await?;
+            let bound: TokenRequest = sas
+                .create_subresource::<_, TokenRequest>("token", "default", &PostParams::default(), &request(Some(&holder)))
+                .await?;
+            ensure!(bound.status.is_some_and(|st| st.token.is_some_and(|t| !t.is_empty())));
+            // The operator works under it: an offloaded pod gets its projected token.
+            let sim = s.sim(SimConfig::default()).await?;
+            let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+            wait_site_ready(&s.sites, &site).await?;
+            let script = "test -s $SITESIM_ROOT/var/run/secrets/kubernetes.io/serviceaccount/token";
+            s.pods
+                .create(&PostParams::default(), &pod_builder("sa").on_node(&site).script(script).build()?)
+                .await?;
+            s.phase("sa", "Succeeded", TIMEOUT).await?;
+            Ok(())
+        }
+        .await;
+        let _ = cluster.kubectl().arg("delete").arg("-f").arg(&file).output();
+        result
+    })
+    .await;
+}
