@@ -68,20 +68,25 @@ fn artifact(name: &str, endpoint: &str, url: &str, secret: &str) -> Value {
 
 #[tokio::test]
 async fn a_two_stage_pipeline_moves_its_data_between_sites() {
-    Scenario::run("data", |s| async move {
-        let root = s.t.cluster.dir.join(format!("s3-{}", s.t.name));
-        let buckets = ["shared", "gpu-site", "htc-site", "cloud-site"];
-        let store = {
-            let root = root.clone();
-            tokio::task::spawn_blocking(move || ObjectStore::up(&root, &buckets)).await??
-        };
-        let result = pipeline(&s, &store).await;
-        if result.is_err() {
-            eprintln!("{}", store.log_tail(40));
-        }
-        let down = tokio::task::spawn_blocking(move || store.down()).await?;
-        result.and(down)
-    })
+    // The store listens on loopback, which the operator refuses to call unless allowed.
+    Scenario::run_with(
+        "data",
+        &["--data-endpoints-allowed", "127.0.0.1"],
+        |s| async move {
+            let root = s.t.cluster.dir.join(format!("s3-{}", s.t.name));
+            let buckets = ["shared", "gpu-site", "htc-site", "cloud-site"];
+            let store = {
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || ObjectStore::up(&root, &buckets)).await??
+            };
+            let result = pipeline(&s, &store).await;
+            if result.is_err() {
+                eprintln!("{}", store.log_tail(40));
+            }
+            let down = tokio::task::spawn_blocking(move || store.down()).await?;
+            result.and(down)
+        },
+    )
     .await;
 }
 

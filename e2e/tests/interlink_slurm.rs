@@ -211,7 +211,8 @@ async fn pods_and_remote_jobs_run_as_real_slurm_jobs() {
 
     TestNamespace::run("interlink-slurm", |t| async move {
         let t0 = tokio::time::Instant::now();
-        let op = Operator::start(t.cluster, &t.name).await?;
+        // The object store listens on loopback, which the operator refuses to call unless allowed.
+        let op = Operator::start_with(t.cluster, &t.name, &["--data-endpoints-allowed", "127.0.0.1"]).await?;
         let sites: Api<OffloadSite> = Api::all(t.client.clone());
         let name = format!("{}-slurm", t.name);
         // The plugin answers the ping by running `sinfo`: allow it a few seconds.

@@ -144,6 +144,12 @@ pub struct RunArgs {
     /// there (a pod being created, a watch cache that lags).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub orphan_grace_seconds: u64,
+    /// Object-store endpoints the operator may call to check RemoteJob outputs although they are
+    /// loopback, link-local or cluster-internal (host names, addresses or CIDR ranges, comma
+    /// separated). Others are checked from the operator's network position only when public or
+    /// private-range addresses.
+    #[arg(long, env = "OFFLOAD_DATA_ENDPOINTS_ALLOWED", value_delimiter = ',')]
+    pub data_endpoints_allowed: Vec<String>,
 }
 
 impl RunArgs {
@@ -307,6 +313,7 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         webhook: webhook.is_some(),
         kueue: args.kueue,
         stage_image: args.stage_image,
+        data_endpoints_allowed: args.data_endpoints_allowed,
         orphans: controller::execution::orphans::OrphanTiming {
             every: std::time::Duration::from_secs(args.orphan_sweep_seconds),
             grace: std::time::Duration::from_secs(args.orphan_grace_seconds),

@@ -34,6 +34,9 @@ pub struct Settings {
     pub kueue: bool,
     /// Image of the stage tool for RemoteJob pods with data (ADR 0014).
     pub stage_image: String,
+    /// Object-store endpoints the operator may call although they are loopback, link-local or
+    /// cluster-internal (hosts, addresses or CIDR ranges; [`super::remote_job::egress`]).
+    pub data_endpoints_allowed: Vec<String>,
     /// When each site is asked for jobs whose pod is gone (docs/adr/0015).
     pub orphans: super::execution::orphans::OrphanTiming,
 }

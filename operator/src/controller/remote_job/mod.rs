@@ -3,6 +3,7 @@
 //! from the API server, the sites' readiness), decides with the pure [`plan`], acts, and reports.
 
 pub mod data;
+pub mod egress;
 mod outputs;
 pub mod plan;
 #[cfg(test)]

@@ -58,6 +58,8 @@ async fn credentials(ctx: &Context, namespace: &str, name: &str) -> Result<Crede
 pub fn client() -> Option<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(TIMEOUT)
+        // A redirect could lead anywhere the endpoint check refused.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .inspect_err(|e| tracing::warn!(error = %e, "cannot build the object-store client"))
         .ok()
@@ -99,6 +101,13 @@ pub async fn measure(
             o.message = Some("cannot read its size: no object-store client".into());
             continue;
         };
+        if let Err(why) = super::egress::allowed(&obj.endpoint, &ctx.settings.data_endpoints_allowed).await {
+            o.message = Some(format!(
+                "cannot read its size: the operator does not call this endpoint ({why}; an operator \
+                 flag, --data-endpoints-allowed, can allow it)"
+            ));
+            continue;
+        }
         match s3::head(client, &obj).await {
             Ok(info) => {
                 o.size = Some(i64::try_from(info.size).unwrap_or(i64::MAX));
