@@ -524,3 +524,60 @@ async fn the_operator_may_request_only_pod_bound_tokens() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn optional_references_items_and_binary_secrets_behave_as_on_a_kubelet() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    Scenario::run("kubelet-volumes", |s| async move {
+        let work = s.t.cluster.dir.join(format!("sim-{}", s.t.name));
+        let sim = s
+            .sim(SimConfig {
+                work_dir: work.clone(),
+                ..SimConfig::default()
+            })
+            .await?;
+        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
+        wait_site_ready(&s.sites, &site).await?;
+        let pp = PostParams::default();
+        let cms: Api<ConfigMap> = Api::namespaced(s.t.client.clone(), &s.t.name);
+        cms.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "cfg"},
+            "data": {"greeting": "hi", "other": "not listed"}}))?)
+            .await?;
+        // Bytes that are not UTF-8.
+        let blob: Vec<u8> = vec![0, 159, 146, 150, 255, 10, 0xc3, 0x28];
+        let secrets: Api<Secret> = Api::namespaced(s.t.client.clone(), &s.t.name);
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("blob".into()),
+                ..Default::default()
+            },
+            data: Some([("blob.bin".to_string(), k8s_openapi::ByteString(blob.clone()))].into()),
+            ..Default::default()
+        };
+        secrets.create(&pp, &secret).await?;
+        let spec = json!({
+            "volumes": [
+                {"name": "maybe", "configMap": {"name": "no-such-config", "optional": true}},
+                {"name": "proj", "projected": {"sources": [
+                    {"configMap": {"name": "cfg", "items": [{"key": "greeting", "path": "conf/hello.txt"}]}},
+                    {"configMap": {"name": "no-such-either", "optional": true}},
+                    {"secret": {"name": "blob"}}]}}],
+            "containers": [{"name": "main", "image": "busybox",
+                "command": ["sh", "-c", "test -z \"${MAYBE+set}\" && cat $SITESIM_ROOT/etc/proj/conf/hello.txt"],
+                "env": [{"name": "MAYBE", "valueFrom": {"configMapKeyRef": {"name": "no-such-config", "key": "k", "optional": true}}}],
+                "volumeMounts": [{"name": "maybe", "mountPath": "/etc/maybe"}, {"name": "proj", "mountPath": "/etc/proj"}]}]});
+        s.pods
+            .create(&pp, &pod_builder("volumes").on_node(&site).merge_spec(spec).build()?)
+            .await?;
+        // A kubelet starts it: optional references to nothing are no reason to wait.
+        let p = s.phase("volumes", "Succeeded", TIMEOUT).await?;
+        let dir = work.join(p.metadata.uid.clone().unwrap_or_default()).join("root/etc/proj");
+        ensure!(std::fs::read_to_string(dir.join("conf/hello.txt"))? == "hi", "items: the key at its path");
+        ensure!(!dir.join("greeting").exists() && !dir.join("other").exists(), "items: no other key");
+        ensure!(std::fs::read(dir.join("blob.bin"))? == blob, "the Secret's bytes, exactly");
+        let log = std::fs::read_to_string(work.join(p.metadata.uid.unwrap_or_default()).join("main.log"))?;
+        ensure!(log == "hi", "{log:?}");
+        Ok(())
+    })
+    .await;
+}
