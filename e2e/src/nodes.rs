@@ -42,3 +42,37 @@ pub async fn keep_healthy(client: kube::Client, names: Vec<String>, zone: Option
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// Two healthy peer Nodes in zone `zone`, kept Ready by a task until [`Peers::remove`]: beside a
+/// site's Node in that zone they keep the zone "normal", so kube-controller-manager evicts there.
+pub struct Peers {
+    client: kube::Client,
+    names: Vec<String>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Peers {
+    /// Starts keeping `<zone>-peer-1` and `<zone>-peer-2` healthy in zone `zone`.
+    pub fn start(client: kube::Client, zone: &str) -> Peers {
+        let names: Vec<String> = (1..=2).map(|i| format!("{zone}-peer-{i}")).collect();
+        let keeper = tokio::spawn(keep_healthy(
+            client.clone(),
+            names.clone(),
+            Some(zone.to_string()),
+        ));
+        Peers {
+            client,
+            names,
+            keeper,
+        }
+    }
+
+    /// Stops keeping them and deletes them.
+    pub async fn remove(self) {
+        self.keeper.abort();
+        let nodes: Api<Node> = Api::all(self.client);
+        for n in &self.names {
+            let _ = nodes.delete(n, &Default::default()).await;
+        }
+    }
+}

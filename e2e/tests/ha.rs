@@ -223,12 +223,7 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
             let policy = s
                 .policy(offload_e2e::fixtures::policy_builder("jobs").sites(&[&site]))
                 .await?;
-            let peers: Vec<String> = (1..=2).map(|i| format!("{}-peer-{i}", s.t.name)).collect();
-            let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
-                s.t.client.clone(),
-                peers.clone(),
-                Some(s.t.name.clone()),
-            ));
+            let peers = offload_e2e::nodes::Peers::start(s.t.client.clone(), &s.t.name);
             let jobs: Api<RemoteJob> = Api::namespaced(s.t.client.clone(), &s.t.name);
             let result = async {
                 // Long enough to still run when the operator comes back.
@@ -324,11 +319,7 @@ async fn running_attempts_survive_an_operator_outage_past_the_node_grace_period(
                 Ok(())
             }
             .await;
-            keeper.abort();
-            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.t.client.clone());
-            for p in &peers {
-                let _ = nodes.delete(p, &Default::default()).await;
-            }
+            peers.remove().await;
             result
         },
     )
@@ -371,12 +362,7 @@ async fn no_opted_in_pod_is_evicted_while_every_replica_is_down() {
             let zone = json!({"node": {"labels": {ZONE_LABEL: s.t.name}}});
             let site = s.create_site(&site_builder("hpc").merge(zone), &sim.url).await?;
             wait_site_ready(&s.sites, &site).await?;
-            let peers: Vec<String> = (1..=2).map(|i| format!("{}-peer-{i}", s.t.name)).collect();
-            let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
-                s.t.client.clone(),
-                peers.clone(),
-                Some(s.t.name.clone()),
-            ));
+            let peers = offload_e2e::nodes::Peers::start(s.t.client.clone(), &s.t.name);
             let result = async {
                 let runs_for = (outage + Duration::from_secs(30)).as_secs() as u32;
                 let interlink_style = pod_builder("interlink")
@@ -438,11 +424,7 @@ async fn no_opted_in_pod_is_evicted_while_every_replica_is_down() {
                 Ok(())
             }
             .await;
-            keeper.abort();
-            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.t.client.clone());
-            for p in &peers {
-                let _ = nodes.delete(p, &Default::default()).await;
-            }
+            peers.remove().await;
             let _ = cluster.kubectl().arg("delete").arg("-f").arg(&policy_file).output();
             result
         },

@@ -359,12 +359,7 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
             // kube-controller-manager stops evicting when every node of a zone is unhealthy (it
             // assumes a partition), so two healthy peer nodes keep the zone "normal" and eviction
             // possible.
-            let peers: Vec<String> = (1..=2).map(|i| format!("{}-peer-{i}", s.t.name)).collect();
-            let keeper = tokio::spawn(offload_e2e::nodes::keep_healthy(
-                s.t.client.clone(),
-                peers.clone(),
-                Some(s.t.name.clone()),
-            ));
+            let peers = offload_e2e::nodes::Peers::start(s.t.client.clone(), &s.t.name);
             let result = async {
                 wait_ready(&s.sites, &name, true).await?;
                 let pod = serde_json::from_value(json!({
@@ -414,11 +409,7 @@ async fn pods_of_an_unreachable_site_are_not_evicted() {
                 .delete("long-job", &DeleteParams::default().grace_period(0))
                 .await;
             delete_sites(&s.sites, &[&name]).await?;
-            keeper.abort();
-            let nodes: Api<Node> = Api::all(s.t.client.clone());
-            for p in &peers {
-                let _ = nodes.delete(p, &DeleteParams::default()).await;
-            }
+            peers.remove().await;
             result
         },
     )

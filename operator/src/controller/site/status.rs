@@ -183,14 +183,18 @@ pub fn transitions(
             .iter()
             .all(|c| c.type_ != type_ || c.status == "True")
     };
+    // The message of a condition that just turned False, for its Event.
+    let turned_false = |type_: &str| {
+        (!is_true(&new.conditions, type_) && was(type_)).then(|| {
+            new.conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| c.message.clone())
+                .unwrap_or_default()
+        })
+    };
     let mut out = vec![];
-    if !is_true(&new.conditions, conditions::PODS_STARTING) && was(conditions::PODS_STARTING) {
-        let message = new
-            .conditions
-            .iter()
-            .find(|c| c.type_ == conditions::PODS_STARTING)
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
+    if let Some(message) = turned_false(conditions::PODS_STARTING) {
         out.push((Reason::PodsNotStarting, message));
     }
     let was_ready = is_true(&old.conditions, conditions::READY);
@@ -199,13 +203,7 @@ pub fn transitions(
     } else if !a.health.reachable && (was_ready || first) {
         out.push((Reason::SiteUnreachable, format!("{}: {}", a.reason, a.message)));
     }
-    if !is_true(&new.conditions, conditions::SITE_TAINTS_APPLIED) && was(conditions::SITE_TAINTS_APPLIED) {
-        let message = new
-            .conditions
-            .iter()
-            .find(|c| c.type_ == conditions::SITE_TAINTS_APPLIED)
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
+    if let Some(message) = turned_false(conditions::SITE_TAINTS_APPLIED) {
         out.push((Reason::SiteTaintsChanged, message));
     }
     if let Some((_, message)) = &a.credentials_error
