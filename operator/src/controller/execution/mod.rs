@@ -492,7 +492,7 @@ async fn publish(ctx: &Context, pod: &Pod, reason: Reason, note: &str) {
 mod tests {
     use std::time::Duration;
 
-    use super::{sync::is_lost, unrecorded_settle};
+    use super::{HAND_OVER_AFTER, hand_over, sync::is_lost, unrecorded_settle};
 
     #[test]
     fn a_pod_is_lost_only_after_several_answers_over_time() {
@@ -520,6 +520,20 @@ mod tests {
             "a restarting plugin answers with nothing for a while"
         );
         assert!(is_lost(20, Duration::from_secs(300), window, true));
+    }
+
+    #[test]
+    fn an_unconfirmed_delete_is_handed_over_after_ten_minutes() {
+        let since: jiff::Timestamp = "2026-12-03T10:00:00Z".parse().unwrap();
+        let at = |s: i64| since + jiff::SignedDuration::from_secs(s);
+        assert!(!hand_over(Some(since), at(0)));
+        assert!(!hand_over(Some(since), at(HAND_OVER_AFTER.as_secs() as i64 - 1)));
+        assert!(hand_over(Some(since), at(HAND_OVER_AFTER.as_secs() as i64)));
+        assert!(
+            !hand_over(Some(since), at(-60)),
+            "a deletion timestamp ahead (the grace period)"
+        );
+        assert!(!hand_over(None, at(3600)), "not being deleted");
     }
 
     #[test]
