@@ -135,6 +135,21 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     let leader = one_leader(&first).await?;
+    // Helm saw the API server serve both admission policy kinds: the chart installed them.
+    for (kind, name) in [
+        (
+            "mutatingadmissionpolicy",
+            format!("{FULLNAME}-outage-tolerations"),
+        ),
+        ("validatingadmissionpolicy", format!("{FULLNAME}-token-requests")),
+    ] {
+        let got = t.cluster.kubectl().args(["get", kind, &name]).output()?;
+        ensure!(
+            got.status.success(),
+            "the chart did not install {kind} {name}: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+    }
 
     // /metrics through the chart's Service (its ClusterIP, kube-proxy's rules).
     let services: Api<Service> = Api::namespaced(t.client.clone(), &t.name);
@@ -463,7 +478,8 @@ async fn uninstall_leaves_only_the_crds(t: &TestNamespace, site: &str) -> anyhow
         .arg(
             "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,roles,rolebindings,\
              clusterroles,clusterrolebindings,poddisruptionbudgets,networkpolicies,leases,\
-             mutatingwebhookconfigurations",
+             mutatingwebhookconfigurations,mutatingadmissionpolicies,mutatingadmissionpolicybindings,\
+             validatingadmissionpolicies,validatingadmissionpolicybindings",
         )
         .output()?;
     ensure!(
