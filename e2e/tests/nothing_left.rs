@@ -18,7 +18,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use offload_e2e::{
-    fixtures::{pod_builder, site_builder, wait_site_ready},
+    fixtures::{pod_builder, site_builder},
     scenario::Scenario,
     sitesim::{SimConfig, SimHandle, faults},
     wait,
@@ -36,13 +36,6 @@ const ORPHAN_ARGS: &[&str] = &["--orphan-sweep-seconds", "5", "--orphan-grace-se
 /// check to see the site ready, a pass that notes the job, the grace window, the pass that
 /// deletes it, with room for a loaded machine.
 const DELETED_WITHIN: Duration = Duration::from_secs(60);
-
-fn simulated() -> SimConfig {
-    SimConfig {
-        simulate: true,
-        ..SimConfig::default()
-    }
-}
 
 /// A long pod bound to `site`'s Node, running at the site.
 async fn long_pod(s: &Scenario, name: &str, site: &str) -> anyhow::Result<Pod> {
@@ -86,9 +79,8 @@ async fn orphans_deleted(s: &Scenario, site: &str) -> anyhow::Result<u64> {
 #[tokio::test]
 async fn a_pod_force_deleted_during_a_site_outage_is_deleted_at_the_site_when_it_returns() {
     Scenario::run_with("orphan-outage", ORPHAN_ARGS, |s| async move {
-        let sim = s.sim(simulated()).await?;
-        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-        wait_site_ready(&s.sites, &site).await?;
+        let sim = s.site(site_builder("hpc")).await?;
+        let site = s.name("hpc");
         long_pod(&s, "long", &site).await?;
         ensure!(sim.pod_count() == 1);
         let outage = Duration::from_secs(20);
@@ -122,9 +114,8 @@ async fn a_pod_force_deleted_during_a_site_outage_is_deleted_at_the_site_when_it
 #[tokio::test]
 async fn a_pod_force_deleted_while_the_operator_is_down_is_deleted_at_the_site_after_the_restart() {
     Scenario::run_with("orphan-restart", ORPHAN_ARGS, |s| async move {
-        let sim = s.sim(simulated()).await?;
-        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-        wait_site_ready(&s.sites, &site).await?;
+        let sim = s.site(site_builder("hpc")).await?;
+        let site = s.name("hpc");
         long_pod(&s, "long", &site).await?;
         // A pod whose job stays: it must survive the check.
         long_pod(&s, "kept", &site).await?;
@@ -168,9 +159,8 @@ async fn a_pod_force_deleted_while_the_operator_is_down_is_deleted_at_the_site_a
 #[tokio::test]
 async fn a_delete_refused_with_401_is_retried_until_the_site_accepts_it() {
     Scenario::run("orphan-401", |s| async move {
-        let sim = s.sim(simulated()).await?;
-        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-        wait_site_ready(&s.sites, &site).await?;
+        let sim = s.site(site_builder("hpc")).await?;
+        let site = s.name("hpc");
         long_pod(&s, "long", &site).await?;
         // A token mid-rotation: the site refuses every delete for 20 s.
         sim.inject(faults::Fault {
@@ -204,9 +194,8 @@ async fn a_delete_refused_with_401_is_retried_until_the_site_accepts_it() {
 #[tokio::test]
 async fn a_site_asking_for_no_execute_evicts_nothing_unless_allowed() {
     Scenario::run("site-noexecute", |s| async move {
-        let sim = s.sim(simulated()).await?;
-        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-        wait_site_ready(&s.sites, &site).await?;
+        let sim = s.site(site_builder("hpc")).await?;
+        let site = s.name("hpc");
         long_pod(&s, "a", &site).await?;
         long_pod(&s, "b", &site).await?;
         let taint = |key: &str, effect: &str| PingTaint {
@@ -304,9 +293,8 @@ async fn a_site_asking_for_no_execute_evicts_nothing_unless_allowed() {
 #[tokio::test]
 async fn conditions_written_by_others_survive_the_operator_s_status_writes() {
     Scenario::run("foreign-conditions", |s| async move {
-        let sim = s.sim(simulated()).await?;
-        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-        wait_site_ready(&s.sites, &site).await?;
+        s.site(site_builder("hpc")).await?;
+        let site = s.name("hpc");
         let gate = "example.com/lb-ready";
         let pod = pod_builder("gated")
             .on_node(&site)
@@ -358,12 +346,11 @@ async fn conditions_written_by_others_survive_the_operator_s_status_writes() {
 #[tokio::test]
 async fn a_site_answering_with_nothing_for_a_while_loses_no_pod() {
     Scenario::run("empty-answers", |s| async move {
-        let sim = s.sim(simulated()).await?;
         // The shortest window a site may set: 10 s (its empty answers count after 100 s).
-        let site = s
-            .create_site(&site_builder("hpc").set("lostAfterSeconds", json!(10)), &sim.url)
+        let sim = s
+            .site(site_builder("hpc").set("lostAfterSeconds", json!(10)))
             .await?;
-        wait_site_ready(&s.sites, &site).await?;
+        let site = s.name("hpc");
         long_pod(&s, "a", &site).await?;
         long_pod(&s, "b", &site).await?;
         // A plugin restarting: every status answer is empty for 45 s or so (one a second).
@@ -403,7 +390,12 @@ async fn a_site_answering_with_nothing_for_a_while_loses_no_pod() {
 #[tokio::test]
 async fn a_site_named_like_a_real_node_does_not_take_it_over() {
     Scenario::run("node-taken", |s| async move {
-        let sim = s.sim(simulated()).await?;
+        let sim = s
+            .sim(SimConfig {
+                simulate: true,
+                ..SimConfig::default()
+            })
+            .await?;
         // A real node (a plain Node object here) with the name the site's Node would get, and a
         // pod of its own.
         let node_name = format!("offload-{}", s.name("worker"));
@@ -508,9 +500,9 @@ async fn the_operator_may_request_only_pod_bound_tokens() {
                 .await?;
             ensure!(bound.status.is_some_and(|st| st.token.is_some_and(|t| !t.is_empty())));
             // The operator works under it: an offloaded pod gets its projected token.
-            let sim = s.sim(SimConfig::default()).await?;
-            let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-            wait_site_ready(&s.sites, &site).await?;
+            // Runs the pod's script for real.
+            s.site_with(site_builder("hpc"), |c| c.simulate = false).await?;
+            let site = s.name("hpc");
             let script = "test -s $SITESIM_ROOT/var/run/secrets/kubernetes.io/serviceaccount/token";
             s.pods
                 .create(&PostParams::default(), &pod_builder("sa").on_node(&site).script(script).build()?)
@@ -529,15 +521,14 @@ async fn the_operator_may_request_only_pod_bound_tokens() {
 async fn optional_references_items_and_binary_secrets_behave_as_on_a_kubelet() {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     Scenario::run("kubelet-volumes", |s| async move {
+        // Runs the pod for real, in a work folder the test reads.
         let work = s.t.cluster.dir.join(format!("sim-{}", s.t.name));
-        let sim = s
-            .sim(SimConfig {
-                work_dir: work.clone(),
-                ..SimConfig::default()
-            })
-            .await?;
-        let site = s.create_site(&site_builder("hpc"), &sim.url).await?;
-        wait_site_ready(&s.sites, &site).await?;
+        s.site_with(site_builder("hpc"), |c| {
+            c.simulate = false;
+            c.work_dir = work.clone();
+        })
+        .await?;
+        let site = s.name("hpc");
         let pp = PostParams::default();
         let cms: Api<ConfigMap> = Api::namespaced(s.t.client.clone(), &s.t.name);
         cms.create(&pp, &serde_json::from_value(json!({"metadata": {"name": "cfg"},

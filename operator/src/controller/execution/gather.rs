@@ -38,34 +38,30 @@ pub async fn gather(
         if let Some(p) = &v.projected {
             let mut files = Files::default();
             for src in p.sources.iter().flatten() {
-                if let Some(c) = &src.config_map {
-                    let Some(cm) = fetch::<ConfigMap>(client, &ns, &c.name, c.optional).await? else {
-                        continue;
-                    };
-                    let mut entries: BTreeMap<String, Vec<u8>> = cm
+                if let Some(c) = &src.config_map
+                    && let Some(cm) = fetch::<ConfigMap>(client, &ns, &c.name, c.optional).await?
+                {
+                    let text = cm
                         .data
                         .unwrap_or_default()
                         .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes()))
-                        .collect();
-                    entries.extend(
-                        cm.binary_data
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|(k, v)| (k, v.0)),
-                    );
+                        .map(|(k, v)| (k, v.into_bytes()));
+                    let binary = cm
+                        .binary_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0));
                     let what = format!("ConfigMap {ns}/{}", c.name);
                     files.extend(project(
-                        entries,
+                        text.chain(binary).collect(),
                         c.items.as_deref(),
-                        c.optional.unwrap_or(false),
+                        c.optional,
                         &what,
                     )?);
                 }
-                if let Some(sc) = &src.secret {
-                    let Some(sec) = fetch::<Secret>(client, &ns, &sc.name, sc.optional).await? else {
-                        continue;
-                    };
+                if let Some(sc) = &src.secret
+                    && let Some(sec) = fetch::<Secret>(client, &ns, &sc.name, sc.optional).await?
+                {
                     let entries = sec
                         .data
                         .unwrap_or_default()
@@ -73,12 +69,7 @@ pub async fn gather(
                         .map(|(k, v)| (k, v.0))
                         .collect();
                     let what = format!("Secret {ns}/{}", sc.name);
-                    files.extend(project(
-                        entries,
-                        sc.items.as_deref(),
-                        sc.optional.unwrap_or(false),
-                        &what,
-                    )?);
+                    files.extend(project(entries, sc.items.as_deref(), sc.optional, &what)?);
                 }
                 if let Some(tok) = &src.service_account_token {
                     let t = token(client, pod, tok).await?;
@@ -207,7 +198,7 @@ impl Files {
 fn project(
     entries: BTreeMap<String, Vec<u8>>,
     items: Option<&[KeyToPath]>,
-    optional: bool,
+    optional: Option<bool>,
     what: &str,
 ) -> Result<Vec<(String, Vec<u8>)>, String> {
     let Some(items) = items.filter(|i| !i.is_empty()) else {
@@ -217,7 +208,7 @@ fn project(
     for item in items {
         match entries.get(&item.key) {
             Some(bytes) => out.push((item.path.clone(), bytes.clone())),
-            None if optional => {}
+            None if optional.unwrap_or(false) => {}
             None => return Err(format!("{what} has no key {}", item.key)),
         }
     }
@@ -431,14 +422,14 @@ mod tests {
     #[test]
     fn projected_sources_honour_items_and_optional_keys() {
         let entries = BTreeMap::from([("a".to_string(), b"1".to_vec()), ("b".to_string(), b"2".to_vec())]);
-        let all = project(entries.clone(), None, false, "x").unwrap();
+        let all = project(entries.clone(), None, None, "x").unwrap();
         assert_eq!(all.len(), 2);
         let item = |k: &str, p: &str| KeyToPath {
             key: k.into(),
             path: p.into(),
             ..Default::default()
         };
-        let mapped = project(entries.clone(), Some(&[item("b", "conf/b.txt")]), false, "x").unwrap();
+        let mapped = project(entries.clone(), Some(&[item("b", "conf/b.txt")]), None, "x").unwrap();
         assert_eq!(
             mapped,
             vec![("conf/b.txt".to_string(), b"2".to_vec())],
@@ -447,13 +438,13 @@ mod tests {
         let err = project(
             entries.clone(),
             Some(&[item("zz", "z")]),
-            false,
+            Some(false),
             "ConfigMap ns/cm",
         )
         .unwrap_err();
         assert_eq!(err, "ConfigMap ns/cm has no key zz");
         assert!(
-            project(entries, Some(&[item("zz", "z")]), true, "x")
+            project(entries, Some(&[item("zz", "z")]), Some(true), "x")
                 .unwrap()
                 .is_empty()
         );
