@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_BIN := e2e/bin
 
-.PHONY: help test fmt fmt-check lint unit e2e build crds control-plane helm prometheus seaweedfs chart-check cluster-up cluster-down \
+.PHONY: help test fmt fmt-check lint unit e2e build stage-static crds control-plane helm prometheus seaweedfs chart-check cluster-up cluster-down \
 	node kueue image demo demo-down bench-e2e bench-compare bench-scale interlink interlink-up interlink-down slurm-up slurm-down
 
 help: ## list the targets
@@ -21,12 +21,20 @@ fmt-check: ## fail when the code is not formatted
 lint: ## clippy on every target, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: ## unit tests (no cluster needed), and the operator crate's own binary tests (offload-stage)
+unit: ## unit tests (no cluster needed), and the operator's and stage tool's own binary tests
 	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test -p offload-operator --test '*'
+	$(CARGO) test -p offload-operator -p offload-stage --test '*'
 
-build: ## build the operator and the site simulator
-	$(CARGO) build -p offload-operator -p offload-e2e --bins
+build: ## build the operator, the stage tool and the site simulator
+	$(CARGO) build -p offload-operator -p offload-stage -p offload-e2e --bins
+
+# The stage tool runs in site images of any Linux distribution (Rocky 8, CentOS 7, Ubuntu 20.04):
+# a static, position-independent build (glibc linked in; ADR 0016). --target keeps it apart from
+# the ordinary builds in the shared target folder, so neither rebuilds the other.
+STAGE_TARGET := x86_64-unknown-linux-gnu
+STAGE_STATIC := $${CARGO_TARGET_DIR:-target}/$(STAGE_TARGET)/release/offload-stage
+stage-static: ## the stage tool as a static binary (release), as the image ships it
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p offload-stage --target $(STAGE_TARGET)
 
 crds: build ## regenerate crds/ (and the chart's copy) from the Rust types (unit tests fail when they are stale)
 	$${CARGO_TARGET_DIR:-target}/debug/offload-operator crds --out-dir crds
@@ -106,9 +114,9 @@ bench-scale: control-plane ## the operator alone with 10,000 pods over 10 sites 
 	OFFLOAD_E2E_TEST_TIMEOUT=7200 OFFLOAD_E2E_CLUSTER="$$dir" \
 	  $(CARGO) test --release -p offload-e2e --test compare -- --ignored --nocapture --test-threads=1 operator_at_scale
 
-image: ## the operator image as an OCI archive in the cache folder, without a Docker daemon (release build; ADR 0010)
+image: stage-static ## the operator image as an OCI archive in the cache folder, without a Docker daemon (release build; ADR 0010)
 	$(CARGO) build --release --locked -p offload-operator
-	@$(E2E_BIN)/build-image >/dev/null
+	@STAGE_BINARY=$(STAGE_STATIC) $(E2E_BIN)/build-image >/dev/null
 
 cluster-up: ## start a control plane (state in .cluster/ or $$OFFLOAD_CLUSTER_DIR); prints the kubeconfig path
 	@$(E2E_BIN)/cluster-up

@@ -6,10 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
-use offload_operator::stage::{
-    s3::{self, Object},
-    sigv4::Credentials,
-};
+use offload_stage::store::{Credentials, Object, StoreError, Transfer, http_client};
 
 use crate::cluster::{EnvFile, log_tails, run_script};
 
@@ -41,14 +38,8 @@ impl ObjectStore {
         Ok(ObjectStore {
             root: root.to_path_buf(),
             endpoint: get("S3_ENDPOINT")?,
-            admin: Credentials {
-                access_key_id: get("S3_ACCESS_KEY")?,
-                secret_access_key: get("S3_SECRET_KEY")?,
-            },
-            read_only: Credentials {
-                access_key_id: get("S3_RO_ACCESS_KEY")?,
-                secret_access_key: get("S3_RO_SECRET_KEY")?,
-            },
+            admin: Credentials::new(get("S3_ACCESS_KEY")?, get("S3_SECRET_KEY")?),
+            read_only: Credentials::new(get("S3_RO_ACCESS_KEY")?, get("S3_RO_SECRET_KEY")?),
             dir,
         })
     }
@@ -77,30 +68,40 @@ impl ObjectStore {
     /// Writes `content` to `bucket/key`; returns its SHA-256.
     pub async fn put(&self, bucket: &str, key: &str, content: &[u8]) -> anyhow::Result<String> {
         let file = tempfile(content)?;
-        let (_, sha) = s3::put_file(&client(), &self.object(bucket, key), &file)
+        let uploaded = self
+            .object(bucket, key)
+            .store(&http_client(&Transfer::default())?.0, &Transfer::default())?
+            .put_file(&file)
             .await
             .with_context(|| format!("uploading s3://{bucket}/{key}"))?;
         let _ = std::fs::remove_file(file);
-        Ok(sha)
+        Ok(uploaded.sha256)
+    }
+
+    /// The ETag of `bucket/key` (`"<md5>-<parts>"` for an object uploaded in parts).
+    pub async fn etag(&self, bucket: &str, key: &str) -> anyhow::Result<Option<String>> {
+        let store = self
+            .object(bucket, key)
+            .store(&http_client(&Transfer::default())?.0, &Transfer::default())?;
+        Ok(store.head().await?.etag)
     }
 
     /// The content of `bucket/key`, or `None` when it does not exist.
     pub async fn get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let file = tempfile(b"")?;
-        match s3::get_to_file(&client(), &self.object(bucket, key), &file).await {
+        let store = self
+            .object(bucket, key)
+            .store(&http_client(&Transfer::default())?.0, &Transfer::default())?;
+        match store.get_to_file(&file).await {
             Ok(_) => {
                 let content = std::fs::read(&file)?;
                 let _ = std::fs::remove_file(file);
                 Ok(Some(content))
             }
-            Err(s3::S3Error::NotFound) => Ok(None),
+            Err(StoreError::NotFound) => Ok(None),
             Err(e) => Err(anyhow!("downloading s3://{bucket}/{key}: {e}")),
         }
     }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::new()
 }
 
 /// A new file under the system's temp folder with `content`.

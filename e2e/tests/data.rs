@@ -21,13 +21,11 @@ use offload_e2e::{
     sitesim::SimConfig,
     wait,
 };
-use offload_operator::{
-    crd::{
-        RemoteJob,
-        remote_job::{RemoteJobPhase, RemoteJobStatus},
-    },
-    stage::sigv4::sha256_hex,
+use offload_operator::crd::{
+    RemoteJob,
+    remote_job::{RemoteJobPhase, RemoteJobStatus},
 };
+use offload_stage::store::sha256_hex;
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,7 +39,16 @@ async fn finished(
     name: &str,
     want: RemoteJobPhase,
 ) -> anyhow::Result<RemoteJobStatus> {
-    wait::until(&format!("RemoteJob {name} {want:?}"), TIMEOUT, || async {
+    finished_within(jobs, name, want, TIMEOUT).await
+}
+
+async fn finished_within(
+    jobs: &Api<RemoteJob>,
+    name: &str,
+    want: RemoteJobPhase,
+    timeout: Duration,
+) -> anyhow::Result<RemoteJobStatus> {
+    wait::until(&format!("RemoteJob {name} {want:?}"), timeout, || async {
         let j = jobs.get(name).await.map_err(|e| e.to_string())?;
         let st = j.status.unwrap_or_default();
         if st.phase == Some(want) {
@@ -50,7 +57,10 @@ async fn finished(
         if matches!(st.phase, Some(RemoteJobPhase::Succeeded | RemoteJobPhase::Failed)) {
             return Err(format!("ended {:?}: {:?}", st.phase, st.message));
         }
-        Err(format!("phase {:?}, message {:?}", st.phase, st.message))
+        Err(format!(
+            "phase {:?}, message {:?}, attempts {:?}",
+            st.phase, st.message, st.attempts
+        ))
     })
     .await
 }
@@ -364,6 +374,182 @@ async fn pipeline(s: &Scenario, store: &ObjectStore) -> anyhow::Result<()> {
     ensure!(
         htc_in >= model.len() as f64 && gpu_out >= 2.0 * model.len() as f64 && moved >= 1.0,
         "metrics: htc in {htc_in}, gpu out {gpu_out}, moved by data {moved}"
+    );
+    Ok(())
+}
+
+/// A TCP listener that accepts connections and never answers: a store whose transfers stall.
+/// Stops when dropped.
+struct StallingStore {
+    endpoint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingStore {
+    async fn start() -> anyhow::Result<StallingStore> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        Ok(StallingStore { endpoint, task })
+    }
+}
+
+impl Drop for StallingStore {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn large_outputs_go_in_parts_and_stalled_transfers_fail_and_retry() {
+    // Parts of 5 MiB and a 2 s read timeout, so a 12 MiB output takes three parts and a stall is
+    // seen quickly.
+    Scenario::run_with(
+        "data-parts",
+        &[
+            "--data-endpoints-allowed",
+            "127.0.0.1",
+            "--stage-part-size-mib",
+            "5",
+            "--stage-read-timeout-seconds",
+            "2",
+        ],
+        |s| async move {
+            let root = s.t.cluster.dir.join(format!("s3-{}", s.t.name));
+            let store = {
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || ObjectStore::up(&root, &["shared"])).await??
+            };
+            let result = parts_and_stalls(&s, &store).await;
+            if result.is_err() {
+                eprintln!("{}", store.log_tail(40));
+            }
+            let down = tokio::task::spawn_blocking(move || store.down()).await?;
+            result.and(down)
+        },
+    )
+    .await;
+}
+
+async fn parts_and_stalls(s: &Scenario, store: &ObjectStore) -> anyhow::Result<()> {
+    let ns = &s.t.name;
+    let ep = store.endpoint.as_str();
+    let secrets: Api<Secret> = Api::namespaced(s.t.client.clone(), ns);
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "s3"},
+        "stringData": {"accessKeyId": store.admin.access_key_id,
+            "secretAccessKey": store.admin.secret_access_key}}))?;
+    secrets.create(&PostParams::default(), &secret).await?;
+    let site = s.site_with(site_builder("hpc"), processes).await?;
+    let policy = s.policy(policy_builder("data").sites(&[&s.name("hpc")])).await?;
+    let jobs: Api<RemoteJob> = Api::namespaced(s.t.client.clone(), ns);
+    let pp = PostParams::default();
+
+    // 12 MiB, above the 5 MiB part size: three parts. The command also says whether it can see
+    // the upload credentials in its environment (it must not).
+    let size = 12 << 20;
+    let script = format!(
+        "yes offload | head -c {size} > \"$OFFLOAD_OUTPUT_BIG\"; \
+         env | grep -c '^OFFLOAD_S3_' > \"$OFFLOAD_OUTPUT_ENV\" || true"
+    );
+    jobs.create(
+        &pp,
+        &job(
+            ns,
+            "big",
+            &policy,
+            &script,
+            json!({"outputs": [
+                artifact("big", ep, &format!("s3://shared/{ns}/big.bin"), "s3"),
+                artifact("env", ep, &format!("s3://shared/{ns}/env.txt"), "s3")]}),
+        )?,
+    )
+    .await?;
+    let big = finished(&jobs, "big", RemoteJobPhase::Succeeded).await?;
+    let expected: Vec<u8> = b"offload\n".iter().copied().cycle().take(size).collect();
+    let stored = store
+        .get("shared", &format!("{ns}/big.bin"))
+        .await?
+        .context("big.bin was not uploaded")?;
+    ensure!(
+        stored.len() == expected.len() && stored == expected,
+        "big.bin: {} bytes stored, {} written",
+        stored.len(),
+        expected.len()
+    );
+    let out = big
+        .outputs
+        .iter()
+        .find(|o| o.name == "big")
+        .context("no status.outputs for big")?;
+    ensure!(
+        out.size == Some(size as i64) && out.sha256.as_deref() == Some(sha256_hex(&expected).as_str()),
+        "status.outputs: {out:?}"
+    );
+    let etag = store.etag("shared", &format!("{ns}/big.bin")).await?;
+    ensure!(
+        etag.as_deref()
+            .is_some_and(|e| e.trim_matches('"').ends_with("-3")),
+        "big.bin was not uploaded in three parts: ETag {etag:?}"
+    );
+    let seen = store
+        .get("shared", &format!("{ns}/env.txt"))
+        .await?
+        .context("env.txt was not uploaded")?;
+    ensure!(
+        String::from_utf8_lossy(&seen).trim() == "0",
+        "the command saw {} OFFLOAD_S3_ variable(s)",
+        String::from_utf8_lossy(&seen).trim()
+    );
+
+    // A store that accepts connections and never answers: the input's transfer stalls, times
+    // out, and the attempt is retried (retryLimit 1: two attempts), then the job fails with
+    // StageInFailed. The same for an output.
+    let stalling = StallingStore::start().await?;
+    jobs.create(
+        &pp,
+        &job(
+            ns,
+            "stalled-in",
+            &policy,
+            "cat \"$OFFLOAD_INPUT_DATA\"",
+            json!({"retryLimit": 1,
+                "inputs": [artifact("data", &stalling.endpoint, "s3://shared/never", "s3")]}),
+        )?,
+    )
+    .await?;
+    jobs.create(
+        &pp,
+        &job(
+            ns,
+            "stalled-out",
+            &policy,
+            "echo result > \"$OFFLOAD_OUTPUT_RESULT\"",
+            json!({"retryLimit": 1,
+                "outputs": [artifact("result", &stalling.endpoint, "s3://shared/never", "s3")]}),
+        )?,
+    )
+    .await?;
+    for (name, reason) in [
+        ("stalled-in", "StageInFailed"),
+        ("stalled-out", "OutputUploadFailed"),
+    ] {
+        let st = finished_within(&jobs, name, RemoteJobPhase::Failed, Duration::from_secs(240)).await?;
+        let failed = condition(&st, "Failed").context("no Failed condition")?;
+        ensure!(failed.reason == reason, "{name}: {failed:?}");
+        ensure!(
+            st.attempt_count == Some(2) && st.attempts.iter().all(|a| a.reason.as_deref() == Some(reason)),
+            "{name}: attempts {:?}",
+            st.attempts
+        );
+    }
+    ensure!(
+        site.stats().secrets_received.contains(&format!("{ns}/s3")),
+        "the site did not get the credentials"
     );
     Ok(())
 }

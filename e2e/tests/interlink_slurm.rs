@@ -30,10 +30,10 @@ use offload_e2e::{
     s3::ObjectStore,
     wait,
 };
-use offload_operator::{
-    crd::{ANNOTATION_REMOTE_ID, OffloadPolicy, OffloadSite, RemoteJob, remote_job::RemoteJobPhase},
-    stage::sigv4::sha256_hex,
+use offload_operator::crd::{
+    ANNOTATION_REMOTE_ID, OffloadPolicy, OffloadSite, RemoteJob, remote_job::RemoteJobPhase,
 };
+use offload_stage::store::sha256_hex;
 use serde_json::json;
 
 /// Names the env file written by `e2e/bin/interlink-up`.

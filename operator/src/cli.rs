@@ -136,6 +136,14 @@ pub struct RunArgs {
     /// as their first init container; the operator's own image ships it (ADR 0014).
     #[arg(long, env = "OFFLOAD_STAGE_IMAGE", default_value = concat!("ghcr.io/offload-operator/offload-operator:", env!("CARGO_PKG_VERSION")))]
     pub stage_image: String,
+    /// Seconds a RemoteJob's data transfer may receive nothing before the stage tool fails it
+    /// (`StageInFailed`, `OutputUploadFailed`) and the attempt is retried.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stage_read_timeout_seconds: u64,
+    /// RemoteJob outputs larger than this many MiB are uploaded in parts of this size (S3
+    /// multipart; 5 MiB is the smallest part AWS S3 takes, 5 GiB the largest single PUT).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=5120))]
+    pub stage_part_size_mib: u64,
     /// Seconds between two passes that ask each site what jobs it holds and delete there those
     /// whose pod no longer exists (a pass also runs when this replica starts leading).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(5..=86400))]
@@ -312,7 +320,11 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
         lease_renew: std::time::Duration::from_secs(args.node_lease_renew_seconds),
         webhook: webhook.is_some(),
         kueue: args.kueue,
-        stage_image: args.stage_image,
+        stage: controller::remote_job::data::StageSettings {
+            image: args.stage_image,
+            read_timeout_seconds: args.stage_read_timeout_seconds,
+            part_size_mib: args.stage_part_size_mib,
+        },
         data_endpoints_allowed: args.data_endpoints_allowed,
         orphans: controller::execution::orphans::OrphanTiming {
             every: std::time::Duration::from_secs(args.orphan_sweep_seconds),

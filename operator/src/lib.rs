@@ -18,7 +18,7 @@ pub mod metrics;
 pub mod placement;
 pub mod quantity;
 pub mod server;
-pub mod stage;
+
 pub mod telemetry;
 pub mod webhook;
 

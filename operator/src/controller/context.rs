@@ -32,8 +32,8 @@ pub struct Settings {
     pub webhook: bool,
     /// Whether to keep a Kueue ResourceFlavor per site ([`super::kueue`]).
     pub kueue: bool,
-    /// Image of the stage tool for RemoteJob pods with data (ADR 0014).
-    pub stage_image: String,
+    /// How RemoteJob pods with data run the stage tool (ADR 0014, ADR 0016).
+    pub stage: super::remote_job::data::StageSettings,
     /// Object-store endpoints the operator may call although they are loopback, link-local or
     /// cluster-internal (hosts, addresses or CIDR ranges; [`super::remote_job::egress`]).
     pub data_endpoints_allowed: Vec<String>,

@@ -47,9 +47,9 @@ pub struct Artifact {
     #[schemars(schema_with = "size_schema")]
     pub size: Option<Quantity>,
 
-    /// A Secret in the job's namespace with the keys `accessKeyId` and `secretAccessKey`; without
-    /// it the object is read or written anonymously. Like every Secret a pod uses, it is sent only
-    /// to sites the namespace may use.
+    /// A Secret in the job's namespace with the keys `accessKeyId` and `secretAccessKey`, and
+    /// `sessionToken` for temporary (STS) credentials; without it the object is read or written
+    /// anonymously. Like every Secret a pod uses, it is sent only to sites the namespace may use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
@@ -178,11 +178,9 @@ pub fn split_s3_url(url: &str) -> Option<(&str, &str)> {
     (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
 }
 
-/// The environment variable that names an artifact's path: `OFFLOAD_INPUT_<NAME>` or
-/// `OFFLOAD_OUTPUT_<NAME>`.
-pub fn env_name(prefix: &str, name: &str) -> String {
-    format!("{prefix}_{}", name.to_ascii_uppercase().replace('-', "_"))
-}
+/// The environment variable that names an artifact's path (`OFFLOAD_INPUT_<NAME>` or
+/// `OFFLOAD_OUTPUT_<NAME>`): the stage tool's rule.
+pub use offload_stage::env_name;
 
 #[cfg(test)]
 mod tests {

@@ -13,8 +13,11 @@ use crate::{
         remote_job::RemoteJobPhase,
     },
     placement::data::{DataObject, SiteData, is_local},
-    stage::{self, BINARY, ROOT, STAGE_IN_CONTAINER},
 };
+use offload_stage::{self as stage, BINARY, ROOT, STAGE_IN_CONTAINER, credential_env_base, env_suffix};
+
+/// The key of a credentials Secret that holds an STS session token (temporary credentials).
+pub const SESSION_TOKEN_KEY: &str = "sessionToken";
 
 /// The shared folder's volume in attempt pods.
 pub const VOLUME: &str = "offload-data";
@@ -89,7 +92,7 @@ impl Resolved {
             "{}/{}/{}",
             self.endpoint,
             self.bucket,
-            stage::sigv4::encode_path(&self.key)
+            stage::store::encode_path(&self.key)
         )
     }
 
@@ -218,14 +221,14 @@ pub fn resolve(job: &RemoteJob, known: &[ArtifactStatus], upstream: &[&RemoteJob
     }
 }
 
-fn secret_env(name: String, secret: &str, key: &str) -> EnvVar {
+fn secret_env(name: String, secret: &str, key: &str, optional: bool) -> EnvVar {
     EnvVar {
         name,
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: secret.into(),
                 key: key.into(),
-                optional: Some(false),
+                optional: Some(optional),
             }),
             ..EnvVarSource::default()
         }),
@@ -241,21 +244,34 @@ fn value_env(name: String, value: String) -> EnvVar {
     }
 }
 
-/// Credentials and region of each artifact, as the stage tool reads them.
-fn credential_env(items: &[Resolved], prefix: &str) -> Vec<EnvVar> {
+/// Credentials and region of each artifact, as the stage tool reads them; the session token is
+/// optional in the Secret (long-term credentials have none).
+fn credential_env(items: &[Resolved], output: bool) -> Vec<EnvVar> {
     let mut env = Vec::new();
     for r in items {
-        let base = env_name(&format!("OFFLOAD_S3_{prefix}"), &r.name);
+        let base = credential_env_base(output, &r.name);
         if let Some(secret) = &r.credentials_secret {
-            env.push(secret_env(format!("{base}_ACCESS_KEY_ID"), secret, "accessKeyId"));
             env.push(secret_env(
-                format!("{base}_SECRET_ACCESS_KEY"),
+                format!("{base}{}", env_suffix::ACCESS_KEY_ID),
+                secret,
+                "accessKeyId",
+                false,
+            ));
+            env.push(secret_env(
+                format!("{base}{}", env_suffix::SECRET_ACCESS_KEY),
                 secret,
                 "secretAccessKey",
+                false,
+            ));
+            env.push(secret_env(
+                format!("{base}{}", env_suffix::SESSION_TOKEN),
+                secret,
+                SESSION_TOKEN_KEY,
+                true,
             ));
         }
         if let Some(region) = &r.region {
-            env.push(value_env(format!("{base}_REGION"), region.clone()));
+            env.push(value_env(format!("{base}{}", env_suffix::REGION), region.clone()));
         }
     }
     env
@@ -269,10 +285,39 @@ fn mount() -> VolumeMount {
     }
 }
 
+/// How attempt pods run the stage tool (operator flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageSettings {
+    /// Image of the stage-in init container (ADR 0014).
+    pub image: String,
+    /// A transfer that receives nothing for this long fails and is retried (`--read-timeout-seconds`).
+    pub read_timeout_seconds: u64,
+    /// Outputs above this size are uploaded in parts of this size (`--part-size-mib`).
+    pub part_size_mib: u64,
+}
+
+impl StageSettings {
+    /// The image with the tool's own defaults (tests).
+    pub fn with_image(image: &str) -> Self {
+        StageSettings {
+            image: image.into(),
+            read_timeout_seconds: 60,
+            part_size_mib: 64,
+        }
+    }
+
+    fn read_timeout_args(&self) -> [String; 2] {
+        [
+            "--read-timeout-seconds".into(),
+            self.read_timeout_seconds.to_string(),
+        ]
+    }
+}
+
 /// Adds the stage steps to an attempt pod: the shared folder, the stage-in init container (first),
 /// the paths in every container's environment, the first container run under `offload-stage run`
 /// when there are outputs, and the `offload.dev/data` annotation for placement.
-pub fn add_stage_steps(pod: &mut Pod, data: &JobData, stage_image: &str) {
+pub fn add_stage_steps(pod: &mut Pod, data: &JobData, stage: &StageSettings) {
     if data.is_empty() {
         return;
     }
@@ -289,16 +334,17 @@ pub fn add_stage_steps(pod: &mut Pod, data: &JobData, stage_image: &str) {
         ..Volume::default()
     });
     let mut args = vec!["in".to_string(), "--root".into(), ROOT.into()];
+    args.extend(stage.read_timeout_args());
     for r in &data.inputs {
         args.push("--input".into());
         args.push(format!("{}={}", r.name, r.path_url()));
     }
     let stage_in = Container {
         name: STAGE_IN_CONTAINER.into(),
-        image: Some(stage_image.into()),
+        image: Some(stage.image.clone()),
         command: Some(vec![BINARY.into()]),
         args: Some(args),
-        env: Some(credential_env(&data.inputs, "IN")),
+        env: Some(credential_env(&data.inputs, false)),
         volume_mounts: Some(vec![mount()]),
         ..Container::default()
     };
@@ -327,13 +373,16 @@ pub fn add_stage_steps(pod: &mut Pod, data: &JobData, stage_image: &str) {
         let env = c.env.get_or_insert_with(Vec::new);
         env.extend(paths.iter().cloned());
         if i == 0 && !data.outputs.is_empty() {
-            env.extend(credential_env(&data.outputs, "OUT"));
+            env.extend(credential_env(&data.outputs, true));
             let mut argv = vec![
                 format!("{ROOT}/bin/{BINARY}"),
                 "run".into(),
                 "--root".into(),
                 ROOT.into(),
+                "--part-size-mib".into(),
+                stage.part_size_mib.to_string(),
             ];
+            argv.extend(stage.read_timeout_args());
             for r in &data.outputs {
                 argv.push("--output".into());
                 argv.push(format!("{}={}", r.name, r.path_url()));

@@ -126,7 +126,7 @@ async fn apply(job: &RemoteJob, ctx: &Context, stores: Option<&reqwest::Client>)
     for action in &decision.actions {
         match action {
             plan::Action::CreatePod { index, exclude } => {
-                let pod = plan::attempt_pod(job, *index, exclude, &data, &ctx.settings.stage_image);
+                let pod = plan::attempt_pod(job, *index, exclude, &data, &ctx.settings.stage);
                 let name = pod.name_any();
                 match pods_api.create(&PostParams::default(), &pod).await {
                     Ok(_) => {}

@@ -10,7 +10,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use super::data::JobData;
+use super::data::{JobData, SESSION_TOKEN_KEY};
 use crate::{
     controller::{Context, scheduler::snapshot::site_data},
     crd::{
@@ -19,20 +19,31 @@ use crate::{
         remote_job::Attempt,
     },
     placement::data::{self as placement_data, is_local},
-    stage::{
-        STAGE_IN_CONTAINER,
-        s3::{self, Object, S3Error},
-        sigv4::Credentials,
-    },
+};
+use offload_stage::{
+    STAGE_IN_CONTAINER,
+    store::{self, Credentials, Object, StoreError, Transfer},
 };
 
 /// How long one HEAD may take: the status write waits for it.
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the operator's HEADs behave: one retry, bounded by [`TIMEOUT`].
+fn transfer() -> Transfer {
+    Transfer {
+        read_timeout: TIMEOUT,
+        connect_timeout: TIMEOUT,
+        request_retries: 1,
+        request_timeout: Some(TIMEOUT),
+        ..Transfer::default()
+    }
+}
 /// Field manager of `OffloadSite.status.observedRemoteBandwidth` (the site controller writes the
 /// rest of the status).
 const BANDWIDTH_MANAGER: &str = "offload-operator-data";
 
-/// The credentials in the Secret `name` of `namespace` (keys `accessKeyId`, `secretAccessKey`).
+/// The credentials in the Secret `name` of `namespace` (keys `accessKeyId`, `secretAccessKey`,
+/// `sessionToken` when the credentials are temporary).
 async fn credentials(ctx: &Context, namespace: &str, name: &str) -> Result<Credentials, String> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let secret = secrets
@@ -50,17 +61,16 @@ async fn credentials(ctx: &Context, namespace: &str, name: &str) -> Result<Crede
     Ok(Credentials {
         access_key_id: key("accessKeyId")?,
         secret_access_key: key("secretAccessKey")?,
+        session_token: key(SESSION_TOKEN_KEY).ok().filter(|t| !t.is_empty()),
     })
 }
 
 /// The HTTP client of the object stores, made once for the controller (`None`, logged, when it
 /// cannot be built: outputs then say so in their message).
 pub fn client() -> Option<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        // A redirect could lead anywhere the endpoint check refused.
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+    // It follows no redirect: one could lead anywhere the endpoint check refused.
+    store::http_client(&transfer())
+        .map(|(client, _)| client)
         .inspect_err(|e| tracing::warn!(error = %e, "cannot build the object-store client"))
         .ok()
 }
@@ -108,12 +118,16 @@ pub async fn measure(
             ));
             continue;
         }
-        match s3::head(client, &obj).await {
+        let head = match obj.store(client, &transfer()) {
+            Ok(store) => store.head().await,
+            Err(e) => Err(e),
+        };
+        match head {
             Ok(info) => {
                 o.size = Some(i64::try_from(info.size).unwrap_or(i64::MAX));
                 o.sha256 = info.sha256;
             }
-            Err(S3Error::NotFound) => o.message = Some("not uploaded".into()),
+            Err(StoreError::NotFound) => o.message = Some("not uploaded".into()),
             Err(e) => o.message = Some(format!("cannot read its size: {e}")),
         }
     }

@@ -117,13 +117,13 @@ pub fn pod_name(job: &str, index: i32) -> String {
 
 /// The pod of one attempt: the template, placed by the offload scheduler (with the job's policy
 /// or pinned site and the sites to avoid), owned by the job, never restarted in place, with the
-/// stage steps for its data (run from `stage_image`).
+/// stage steps for its data (run as `stage` says).
 pub fn attempt_pod(
     job: &RemoteJob,
     index: i32,
     exclude: &[String],
     data: &JobData,
-    stage_image: &str,
+    stage: &super::data::StageSettings,
 ) -> Pod {
     let template = job.spec.template.clone();
     let mut meta = template.metadata.unwrap_or_default();
@@ -174,7 +174,7 @@ pub fn attempt_pod(
         spec: Some(spec),
         status: None,
     };
-    super::data::add_stage_steps(&mut pod, data, stage_image);
+    super::data::add_stage_steps(&mut pod, data, stage);
     pod
 }
 

@@ -5,7 +5,10 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
-use super::plan::{Action, SiteView, attempt_pod, backoff_seconds, plan, pod_name};
+use super::{
+    data::StageSettings,
+    plan::{Action, SiteView, attempt_pod, backoff_seconds, plan, pod_name},
+};
 use crate::crd::{
     RemoteJob,
     remote_job::{AttemptOutcome, RemoteJobPhase},
@@ -119,7 +122,13 @@ fn attempt_pod_is_owned_placed_by_the_offload_scheduler_and_never_restarted() {
         json!({"policy": "gpu", "template": {"metadata": {"labels": {"app": "x"}},
         "spec": {"containers": [{"name": "main", "image": "busybox"}], "nodeName": "sneaky"}}}),
     );
-    let p = attempt_pod(&j, 2, &["a".into(), "b".into()], &Default::default(), "stage:1");
+    let p = attempt_pod(
+        &j,
+        2,
+        &["a".into(), "b".into()],
+        &Default::default(),
+        &StageSettings::with_image("stage:1"),
+    );
     let spec = p.spec.unwrap();
     assert_eq!(spec.scheduler_name.as_deref(), Some("offload-scheduler"));
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
@@ -628,7 +637,7 @@ fn the_attempt_pod_stages_its_data() {
         "outputs": [{"name": "out", "url": "s3://htc/o", "endpoint": S3, "region": "eu"}],
         "template": {"spec": {"containers": [{"name": "main", "image": "app", "command": ["run"], "args": ["--x"]}]}}}));
     let data = super::data::JobData::of(&j, &[]);
-    let p = attempt_pod(&j, 0, &[], &data, "op:1");
+    let p = attempt_pod(&j, 0, &[], &data, &StageSettings::with_image("op:1"));
     let spec = p.spec.as_ref().unwrap();
     let init = &spec.init_containers.as_ref().unwrap()[0];
     assert_eq!(init.name, "offload-stage-in");
@@ -639,6 +648,8 @@ fn the_attempt_pod_stages_its_data() {
             "in",
             "--root",
             "/var/run/offload",
+            "--read-timeout-seconds",
+            "60",
             "--input",
             "my-data=http://s3:8333/shared/a%20b"
         ]
@@ -648,7 +659,8 @@ fn the_attempt_pod_stages_its_data() {
         env_names,
         [
             "OFFLOAD_S3_IN_MY_DATA_ACCESS_KEY_ID",
-            "OFFLOAD_S3_IN_MY_DATA_SECRET_ACCESS_KEY"
+            "OFFLOAD_S3_IN_MY_DATA_SECRET_ACCESS_KEY",
+            "OFFLOAD_S3_IN_MY_DATA_SESSION_TOKEN"
         ]
     );
     let main = &spec.containers[0];
@@ -659,6 +671,10 @@ fn the_attempt_pod_stages_its_data() {
             "run",
             "--root",
             "/var/run/offload",
+            "--part-size-mib",
+            "64",
+            "--read-timeout-seconds",
+            "60",
             "--output",
             "out=http://s3:8333/htc/o",
             "--",
@@ -699,6 +715,12 @@ fn the_attempt_pod_stages_its_data() {
     );
     // A job without data gets none of it.
     let plain = job(json!({}));
-    let p = attempt_pod(&plain, 0, &[], &Default::default(), "op:1");
+    let p = attempt_pod(
+        &plain,
+        0,
+        &[],
+        &Default::default(),
+        &StageSettings::with_image("op:1"),
+    );
     assert!(p.spec.unwrap().init_containers.is_none());
 }

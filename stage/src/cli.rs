@@ -1,12 +1,4 @@
-//! `offload-stage`: the tool the operator runs inside a RemoteJob's pod, at the site, to move its
-//! data (ADR 0014). `in` fetches the inputs into the shared folder before the containers start
-//! (as the pod's first init container) and leaves a copy of itself there; `run` runs the first
-//! container's command and uploads its outputs when it ends, whether it succeeded or not.
-//!
-//! Exit codes the operator reads back from the container statuses: see [`exit`].
-
-pub mod s3;
-pub mod sigv4;
+//! The tool's two steps, `in` and `run`, and its command line.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,29 +7,10 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 
-use self::{s3::Object, sigv4::Credentials};
-
-/// Exit codes with a meaning for the operator.
-pub mod exit {
-    /// `in`: an input does not exist (reason `InputMissing`).
-    pub const INPUT_MISSING: i32 = 10;
-    /// `in`: an input could not be fetched (refused, unreachable) after retries (`StageInFailed`).
-    pub const STAGE_IN_FAILED: i32 = 11;
-    /// `run`: the command succeeded but an output could not be uploaded after retries
-    /// (`OutputUploadFailed`).
-    pub const OUTPUT_UPLOAD_FAILED: i32 = 221;
-    /// `run`: the command succeeded but did not write a declared output (`OutputMissing`).
-    pub const OUTPUT_MISSING: i32 = 222;
-    /// Wrong arguments or environment.
-    pub const USAGE: i32 = 2;
-}
-
-/// The name of the first init container of a RemoteJob pod with data.
-pub const STAGE_IN_CONTAINER: &str = "offload-stage-in";
-/// Where the shared folder is mounted in every container of the pod.
-pub const ROOT: &str = "/var/run/offload";
-/// The tool's file name (in the image's `PATH`, and under `<root>/bin/` once `in` copied it).
-pub const BINARY: &str = "offload-stage";
+use crate::{
+    BINARY, CREDENTIAL_ENV_PREFIX, ROOT, credential_env_base, env_suffix, exit,
+    store::{self, Credentials, Object, StoreError, Transfer},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,12 +37,35 @@ struct InArgs {
     #[arg(long, default_value = ROOT)]
     root: PathBuf,
     /// `name=<endpoint>/<bucket>/<key>` (path-style URL); credentials and region come from
-    /// `OFFLOAD_S3_IN_<NAME>_{ACCESS_KEY_ID,SECRET_ACCESS_KEY,REGION}`.
+    /// `OFFLOAD_S3_IN_<NAME>_{ACCESS_KEY_ID,SECRET_ACCESS_KEY,SESSION_TOKEN,REGION}`.
     #[arg(long = "input")]
     inputs: Vec<String>,
-    /// Tries per object for transient failures.
-    #[arg(long, default_value_t = 3)]
+    /// Tries per object for transient failures (each request is also retried on its own, three
+    /// times).
+    #[arg(long, default_value_t = 2)]
     tries: u32,
+    #[command(flatten)]
+    transfer: TransferArgs,
+}
+
+#[derive(Args, Debug)]
+struct TransferArgs {
+    /// A transfer that receives nothing for this long fails (and is retried).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    read_timeout_seconds: u64,
+    /// Files up to this size are uploaded in one PUT, larger ones in parts of this size.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    part_size_mib: u64,
+}
+
+impl TransferArgs {
+    fn transfer(&self) -> Transfer {
+        Transfer {
+            read_timeout: Duration::from_secs(self.read_timeout_seconds),
+            part_size: self.part_size_mib << 20,
+            ..Transfer::default()
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -78,12 +74,16 @@ struct RunArgs {
     #[arg(long, default_value = ROOT)]
     root: PathBuf,
     /// `name=<endpoint>/<bucket>/<key>`; credentials and region from
-    /// `OFFLOAD_S3_OUT_<NAME>_{ACCESS_KEY_ID,SECRET_ACCESS_KEY,REGION}`.
+    /// `OFFLOAD_S3_OUT_<NAME>_{ACCESS_KEY_ID,SECRET_ACCESS_KEY,SESSION_TOKEN,REGION}`, which the
+    /// command does not see.
     #[arg(long = "output")]
     outputs: Vec<String>,
-    /// Tries per upload (every failure is retried, with a doubling pause from one second).
-    #[arg(long, default_value_t = 3)]
+    /// Tries per upload (every failure is retried, with a doubling pause from one second; each
+    /// request, a part for instance, is also retried on its own, three times).
+    #[arg(long, default_value_t = 2)]
     tries: u32,
+    #[command(flatten)]
+    transfer: TransferArgs,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -92,24 +92,49 @@ struct RunArgs {
 /// Entry point of the `offload-stage` binary; returns the process exit code.
 pub async fn main() -> i32 {
     let cli = Cli::parse();
-    let client = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(30))
-        .build()
-    {
-        Ok(c) => c,
+    let transfer = match &cli.command {
+        Command::In(a) => a.transfer.transfer(),
+        Command::Run(a) => a.transfer.transfer(),
+    };
+    let http = match store::http_client(&transfer) {
+        Ok((c, store::Trust::System)) => c,
+        Ok((c, store::Trust::BuiltIn)) => {
+            eprintln!(
+                "offload-stage: this image has no CA certificates; trusting the Mozilla roots built into offload-stage"
+            );
+            c
+        }
         Err(e) => {
-            eprintln!("offload-stage: cannot build an HTTP client: {e}");
+            eprintln!("offload-stage: {e}");
             return exit::USAGE;
         }
     };
+    let io = Io { http, transfer };
     match cli.command {
-        Command::In(args) => stage_in(&client, &args).await,
-        Command::Run(args) => run(&client, &args).await,
+        Command::In(args) => stage_in(&io, &args).await,
+        Command::Run(args) => run(&io, &args).await,
     }
 }
 
-/// `name=<endpoint>/<bucket>/<key>` with credentials from the environment under `prefix`.
-fn parse_artifact(spec: &str, prefix: &str) -> Result<(String, Object), String> {
+/// The HTTP client and how transfers behave.
+struct Io {
+    http: reqwest::Client,
+    transfer: Transfer,
+}
+
+impl Io {
+    async fn get(&self, obj: &Object, dest: &Path) -> Result<(u64, String), StoreError> {
+        obj.store(&self.http, &self.transfer)?.get_to_file(dest).await
+    }
+
+    async fn put(&self, obj: &Object, src: &Path) -> Result<store::Uploaded, StoreError> {
+        obj.store(&self.http, &self.transfer)?.put_file(src).await
+    }
+}
+
+/// `name=<endpoint>/<bucket>/<key>` with credentials from the environment (an output's or an
+/// input's variables).
+fn parse_artifact(spec: &str, output: bool) -> Result<(String, Object), String> {
     let (name, url) = spec
         .split_once('=')
         .ok_or_else(|| format!("{spec:?}: expected name=<endpoint>/<bucket>/<key>"))?;
@@ -127,13 +152,17 @@ fn parse_artifact(spec: &str, prefix: &str) -> Result<(String, Object), String> 
         .filter(|(b, k)| !b.is_empty() && !k.is_empty())
         .ok_or_else(|| format!("{name}: {url:?} has no /<bucket>/<key>"))?;
     let key = percent_decode(key);
-    let env = |what: &str| {
-        std::env::var(crate::crd::data::env_name(&format!("OFFLOAD_S3_{prefix}"), name) + "_" + what).ok()
+    let base = credential_env_base(output, name);
+    let env = |suffix: &str| {
+        std::env::var(format!("{base}{suffix}"))
+            .ok()
+            .filter(|v| !v.is_empty())
     };
-    let credentials = match (env("ACCESS_KEY_ID"), env("SECRET_ACCESS_KEY")) {
+    let credentials = match (env(env_suffix::ACCESS_KEY_ID), env(env_suffix::SECRET_ACCESS_KEY)) {
         (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
             access_key_id,
             secret_access_key,
+            session_token: env(env_suffix::SESSION_TOKEN),
         }),
         _ => None,
     };
@@ -143,17 +172,17 @@ fn parse_artifact(spec: &str, prefix: &str) -> Result<(String, Object), String> 
             endpoint,
             bucket: bucket.to_string(),
             key,
-            region: env("REGION").unwrap_or_else(|| "us-east-1".into()),
+            region: env(env_suffix::REGION).unwrap_or_else(|| "us-east-1".into()),
             credentials,
         },
     ))
 }
 
 /// Every artifact of a command's arguments, or `None` after saying which one is wrong.
-fn parse_all(specs: &[String], prefix: &str, command: &str) -> Option<Vec<(String, Object)>> {
+fn parse_all(specs: &[String], output: bool, command: &str) -> Option<Vec<(String, Object)>> {
     match specs
         .iter()
-        .map(|s| parse_artifact(s, prefix))
+        .map(|s| parse_artifact(s, output))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(v) => Some(v),
@@ -197,8 +226,27 @@ fn rate(bytes: u64, took: Duration) -> String {
     format!("{:.1} MB/s", bytes as f64 / secs / 1e6)
 }
 
-async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
-    let Some(inputs) = parse_all(&args.inputs, "IN", "in") else {
+/// This binary's path: `/proc/self/exe`, else (no `/proc`, as in some site runtimes) `argv[0]`
+/// when it names a path, else the first `offload-stage` on `PATH`.
+fn own_path() -> std::io::Result<PathBuf> {
+    let proc_error = match std::env::current_exe() {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    let argv0 = std::env::args_os().next().map(PathBuf::from);
+    if let Some(p) = argv0.filter(|p| p.components().count() > 1 && p.is_file()) {
+        return Ok(p);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(BINARY))
+        .find(|p| p.is_file())
+        .ok_or(proc_error)
+}
+
+async fn stage_in(io: &Io, args: &InArgs) -> i32 {
+    let Some(inputs) = parse_all(&args.inputs, false, "in") else {
         return exit::USAGE;
     };
     let dirs = [
@@ -213,7 +261,7 @@ async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
         }
     }
     // The tool for the `run` step, in a folder every container mounts.
-    let me = std::env::current_exe().and_then(|exe| {
+    let me = own_path().and_then(|exe| {
         let to = args.root.join("bin").join(BINARY);
         std::fs::copy(exe, &to).map(|_| to)
     });
@@ -232,7 +280,7 @@ async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
         let mut tries = 0;
         let result = loop {
             tries += 1;
-            match s3::get_to_file(client, obj, &dest).await {
+            match io.get(obj, &dest).await {
                 Err(e) if e.is_transient() && tries < args.tries.max(1) => {
                     eprintln!("offload-stage in: {name}: {e}; trying again");
                     tokio::time::sleep(Duration::from_secs(1 << (tries - 1).min(5))).await;
@@ -251,7 +299,7 @@ async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
                     rate(size, t.elapsed())
                 );
             }
-            Err(s3::S3Error::NotFound) => {
+            Err(StoreError::NotFound) => {
                 eprintln!(
                     "offload-stage in: InputMissing: input {name}: {} does not exist at {}",
                     obj.s3_url(),
@@ -277,14 +325,20 @@ async fn stage_in(client: &reqwest::Client, args: &InArgs) -> i32 {
     0
 }
 
-async fn run(client: &reqwest::Client, args: &RunArgs) -> i32 {
-    let Some(outputs) = parse_all(&args.outputs, "OUT", "run") else {
+async fn run(io: &Io, args: &RunArgs) -> i32 {
+    let Some(outputs) = parse_all(&args.outputs, true, "run") else {
         return exit::USAGE;
     };
     let Some((program, rest)) = args.command.split_first() else {
         eprintln!("offload-stage run: no command");
         return exit::USAGE;
     };
+    // The upload credentials stay with this process: not in the command's environment, and this
+    // process non-dumpable, so a command running as the same user cannot read them from
+    // /proc/1/environ or /proc/1/mem either.
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        eprintln!("offload-stage run: cannot make itself non-dumpable: {e}");
+    }
     // The command's own stdout and stderr are the container's.
     let code = supervise(program, rest).await;
     let mut upload_failed = false;
@@ -315,7 +369,7 @@ async fn run(client: &reqwest::Client, args: &RunArgs) -> i32 {
         let mut tries = 0;
         let result = loop {
             tries += 1;
-            match s3::put_file(client, obj, &src).await {
+            match io.put(obj, &src).await {
                 Err(e) if tries < args.tries.max(1) => {
                     eprintln!(
                         "offload-stage run: output {name}: {e}; trying again ({tries}/{})",
@@ -327,12 +381,15 @@ async fn run(client: &reqwest::Client, args: &RunArgs) -> i32 {
             }
         };
         match result {
-            Ok((size, sha)) => eprintln!(
-                "offload-stage run: {name}: {} to {} ({size} bytes, sha256 {sha}, {:.2}s, {})",
+            Ok(up) => eprintln!(
+                "offload-stage run: {name}: {} to {} ({} bytes in {} part(s), sha256 {}, {:.2}s, {})",
                 obj.s3_url(),
                 obj.endpoint,
+                up.size,
+                up.parts,
+                up.sha256,
                 t.elapsed().as_secs_f64(),
-                rate(size, t.elapsed())
+                rate(up.size, t.elapsed())
             ),
             Err(e) => {
                 eprintln!(
@@ -362,7 +419,14 @@ async fn supervise(program: &str, args: &[String]) -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
     // Caught before the command starts, so a stop signal arriving at once is passed on too.
     let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+    let mut command = tokio::process::Command::new(program);
+    command.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with(CREDENTIAL_ENV_PREFIX) {
+            command.env_remove(name);
+        }
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             eprintln!("offload-stage run: cannot start {program:?}: {e}");
@@ -414,13 +478,13 @@ mod tests {
 
     #[test]
     fn artifacts_parse_from_path_style_urls() {
-        let (name, o) = parse_artifact("model=http://127.0.0.1:8333/gpu/run%201/model.bin", "IN").unwrap();
+        let (name, o) = parse_artifact("model=http://127.0.0.1:8333/gpu/run%201/model.bin", false).unwrap();
         assert_eq!(name, "model");
         assert_eq!(o.endpoint, "http://127.0.0.1:8333");
         assert_eq!(o.bucket, "gpu");
         assert_eq!(o.key, "run 1/model.bin");
         assert_eq!(o.region, "us-east-1");
-        assert!(parse_artifact("model=http://127.0.0.1:8333/gpu", "IN").is_err());
-        assert!(parse_artifact("no-equals", "IN").is_err());
+        assert!(parse_artifact("model=http://127.0.0.1:8333/gpu", false).is_err());
+        assert!(parse_artifact("no-equals", false).is_err());
     }
 }
