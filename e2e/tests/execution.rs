@@ -431,16 +431,195 @@ async fn kubectl_logs_reach_the_site() {
             "https://127.0.0.1:{kubelet_port}/containerLogs/{}/done/main",
             s.t.name
         );
-        let anon = tokio::process::Command::new("curl")
-            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url])
-            .output()
-            .await?;
+        // Every caller is authenticated and authorised as a kubelet does it (SubjectAccessReview
+        // for nodes/proxy on the pod's Node), not only the API server.
+        let (ca, ca_key) = {
+            let (_, _, ca) = s.t.cluster.kubelet_tls.as_ref().context("kubelet TLS")?;
+            (ca.clone(), ca.with_file_name("ca.key"))
+        };
+        let pki = s.t.cluster.dir.join(format!("pki-{}", s.t.name));
+        std::fs::create_dir_all(&pki)?;
+        let get = |who: Caller| {
+            let (url, ca) = (url.clone(), ca.clone());
+            async move { kubelet_get(&url, &ca, who).await }
+        };
+        let (code, body) = get(Caller::Anonymous).await?;
+        ensure!(code == 401, "anonymous: {code} {body}");
+        // A certificate from the right CA, for a user without rights: refused, for logs as for
+        // everything else.
+        let intruder = client_certificate(&pki, &ca, &ca_key, &format!("intruder-{}", s.t.name))?;
+        let (code, body) = get(Caller::Certificate(intruder.clone())).await?;
         ensure!(
-            !anon.status.success(),
-            "anonymous request served: {}",
-            String::from_utf8_lossy(&anon.stdout)
+            code == 403
+                && body.contains("verb=get, resource=nodes, subresource(s)=[proxy]")
+                && !body.contains("three"),
+            "a certificate without rights: {code} {body}"
         );
+        // The same user once RBAC grants nodes/proxy on that Node.
+        let reader = format!("reader-{}", s.t.name);
+        let reader_cert = client_certificate(&pki, &ca, &ca_key, &reader)?;
+        let token_user = format!("system:serviceaccount:{}:default", s.t.name);
+        let (code, _) = get(Caller::Token(service_account_token(&s.t).await?)).await?;
+        ensure!(code == 403, "a service-account token without rights: {code}");
+        grant_node_proxy(&s.t, &format!("offload-{name}"), &[&reader, &token_user]).await?;
+        let (code, body) = get(Caller::Certificate(reader_cert)).await?;
+        ensure!(
+            code == 200 && body == "one\ntwo\nthree\n",
+            "a certificate with rights: {code} {body}"
+        );
+        // Denials are cached for 30 s, as a kubelet caches them: the ServiceAccount gets in
+        // within that.
+        let token = service_account_token(&s.t).await?;
+        wait::until("a token with rights served", Duration::from_secs(45), || {
+            let token = token.clone();
+            async move {
+                let (code, body) = get(Caller::Token(token)).await.map_err(|e| e.to_string())?;
+                if code == 200 && body.contains("three") {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("{code} {body}"))
+                }
+            }
+        })
+        .await?;
         Ok(())
     })
     .await;
+}
+
+/// Who calls the kubelet endpoint directly.
+#[derive(Clone)]
+enum Caller {
+    Anonymous,
+    /// Certificate and key files.
+    Certificate((std::path::PathBuf, std::path::PathBuf)),
+    /// A bearer token.
+    Token(String),
+}
+
+/// `GET url` on the operator's kubelet endpoint as `who`: status code and body.
+async fn kubelet_get(url: &str, ca: &std::path::Path, who: Caller) -> anyhow::Result<(u16, String)> {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-s", "--cacert"])
+        .arg(ca)
+        .args(["-w", "\n%{http_code}"]);
+    match &who {
+        Caller::Anonymous => {}
+        Caller::Certificate((crt, key)) => {
+            cmd.arg("--cert").arg(crt).arg("--key").arg(key);
+        }
+        Caller::Token(t) => {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+    }
+    let out = cmd.arg(url).output().await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+/// A client certificate for user `cn`, signed by the cluster's CA (as the API server's is).
+fn client_certificate(
+    dir: &std::path::Path,
+    ca: &std::path::Path,
+    ca_key: &std::path::Path,
+    cn: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (key, csr, crt, ext) = (
+        dir.join(format!("{cn}.key")),
+        dir.join(format!("{cn}.csr")),
+        dir.join(format!("{cn}.crt")),
+        dir.join("client.ext"),
+    );
+    std::fs::write(&ext, "extendedKeyUsage=clientAuth\n")?;
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl").args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let subj = format!("/CN={cn}");
+    run(&[
+        "req".as_ref(),
+        "-newkey".as_ref(),
+        "rsa:2048".as_ref(),
+        "-nodes".as_ref(),
+        "-keyout".as_ref(),
+        key.as_os_str(),
+        "-out".as_ref(),
+        csr.as_os_str(),
+        "-subj".as_ref(),
+        subj.as_ref(),
+    ])?;
+    run(&[
+        "x509".as_ref(),
+        "-req".as_ref(),
+        "-in".as_ref(),
+        csr.as_os_str(),
+        "-CA".as_ref(),
+        ca.as_os_str(),
+        "-CAkey".as_ref(),
+        ca_key.as_os_str(),
+        "-CAcreateserial".as_ref(),
+        "-CAserial".as_ref(),
+        dir.join("ca.srl").as_os_str(),
+        "-out".as_ref(),
+        crt.as_os_str(),
+        "-days".as_ref(),
+        "1".as_ref(),
+        "-extfile".as_ref(),
+        ext.as_os_str(),
+    ])?;
+    Ok((crt, key))
+}
+
+/// A fresh token of the namespace's default ServiceAccount.
+async fn service_account_token(t: &TestNamespace) -> anyhow::Result<String> {
+    let out = tokio::process::Command::from(t.cluster.kubectl())
+        .args(["create", "token", "default", "-n", &t.name, "--duration=10m"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "kubectl create token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// RBAC: `get` on `nodes/proxy` of `node` for these users: a ClusterRole and its binding named
+/// after the test's namespace (unique per run).
+async fn grant_node_proxy(t: &TestNamespace, node: &str, users: &[&str]) -> anyhow::Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let name = format!("kubelet-reader-{}", t.name);
+    let label = offload_e2e::operator::TEST_LABEL;
+    let role: ClusterRole = serde_json::from_value(json!({"metadata": {"name": name,
+            "labels": {label: t.name}},
+        "rules": [{"apiGroups": [""], "resources": ["nodes/proxy"], "resourceNames": [node], "verbs": ["get"]}]}))?;
+    let subjects: Vec<_> = users
+        .iter()
+        .map(|u| {
+            match u
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|r| r.split_once(':'))
+            {
+                Some((ns, sa)) => json!({"kind": "ServiceAccount", "namespace": ns, "name": sa}),
+                None => json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": u}),
+            }
+        })
+        .collect();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({"metadata": {"name": name,
+            "labels": {label: t.name}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": subjects}))?;
+    Api::<ClusterRole>::all(t.client.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    Api::<ClusterRoleBinding>::all(t.client.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    Ok(())
 }

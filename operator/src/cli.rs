@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// `--kubelet-client-certificate` issuer).
     #[arg(long)]
     pub kubelet_client_ca: Option<PathBuf>,
+    /// How the kubelet API authorises its authenticated callers, as a kubelet's
+    /// `--authorization-mode`: `webhook` asks the API server (SubjectAccessReview for `nodes/proxy`,
+    /// cached), `always-allow` lets every caller with a certificate from the CA or a valid token in.
+    #[arg(long, value_enum, default_value_t = crate::kubelet::auth::Mode::Webhook)]
+    pub kubelet_authorization_mode: crate::kubelet::auth::Mode,
     /// Only manage OffloadSites, OffloadPolicies and RemoteJobs matching this label selector
     /// (sharding, tests). Pods naming a policy or site outside it are left to another operator.
     #[arg(long)]
@@ -342,7 +347,15 @@ async fn run(kubeconfig: Option<PathBuf>, args: RunArgs) -> ExitCode {
             // Listen on the address the Nodes advertise (the pod IP in a cluster, loopback in tests).
             let ip = kubelet_ip.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
             let listen = std::net::SocketAddr::new(ip, args.kubelet_port as u16);
-            if let Err(err) = crate::kubelet::serve(listen, &tls, client, ctx.registry.clone()).await {
+            if let Err(err) = crate::kubelet::serve(
+                listen,
+                &tls,
+                client,
+                ctx.registry.clone(),
+                args.kubelet_authorization_mode,
+            )
+            .await
+            {
                 tracing::error!(error = %err, "cannot start the kubelet endpoint");
                 return ExitCode::FAILURE;
             }
