@@ -487,6 +487,91 @@ async fn kubectl_logs_reach_the_site() {
     .await;
 }
 
+/// `kubectl exec`, `attach` and `port-forward` to an offloaded pod end at once with the reason
+/// (the kubelet endpoint answers 501 before any stream is set up), through the real API server
+/// and kubectl; a user without `pods/exec` is refused by the API server itself.
+#[tokio::test]
+async fn kubectl_exec_attach_and_port_forward_say_why_they_are_unavailable() {
+    Scenario::run("exec-unavailable", |s| async move {
+        s.site_with(site_builder("interactive"), |c| {
+            c.simulate = false;
+        })
+        .await?;
+        let name = s.name("interactive");
+        s.pods
+            .create(
+                &PostParams::default(),
+                &pod_builder("sleeper")
+                    .on_node(&name)
+                    .script("sleep 120")
+                    .build()?,
+            )
+            .await?;
+        s.phase("sleeper", "Running", TIMEOUT).await?;
+        let ns = s.t.name.clone();
+        let cases: [(&str, Vec<&str>); 3] = [
+            ("kubectl exec", vec!["exec", "-n", &ns, "sleeper", "--", "true"]),
+            ("kubectl attach", vec!["attach", "-n", &ns, "sleeper"]),
+            (
+                "kubectl port-forward",
+                vec!["port-forward", "-n", &ns, "pod/sleeper", ":8080"],
+            ),
+        ];
+        for (what, args) in cases {
+            let started = std::time::Instant::now();
+            let out = tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio::process::Command::from(s.t.cluster.kubectl())
+                    .args(&args)
+                    .output(),
+            )
+            .await
+            .with_context(|| format!("{what} hung"))??;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(!out.status.success(), "{what} succeeded: {stderr}");
+            ensure!(
+                stderr.contains(&format!("{what} is not available for pod {ns}/sleeper"))
+                    && stderr.contains(&format!("site {name}")),
+                "{what}: {stderr}"
+            );
+            eprintln!(
+                "{what}: answered in {:.2}s: {}",
+                started.elapsed().as_secs_f64(),
+                stderr.trim()
+            );
+        }
+        // The API server's own check comes first: a ServiceAccount that may read pods but not
+        // exec into them is refused there, before the kubelet endpoint is asked.
+        {
+            use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+            let role: Role = serde_json::from_value(json!({"metadata": {"name": "pod-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]}))?;
+            let binding: RoleBinding = serde_json::from_value(json!({"metadata": {"name": "pod-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns}]}))?;
+            Api::<Role>::namespaced(s.t.client.clone(), &ns)
+                .create(&PostParams::default(), &role)
+                .await?;
+            Api::<RoleBinding>::namespaced(s.t.client.clone(), &ns)
+                .create(&PostParams::default(), &binding)
+                .await?;
+        }
+        let kubeconfig = s.t.cluster.service_account_kubeconfig(&ns, "default")?;
+        let out = tokio::process::Command::new(s.t.cluster.bin.join("kubectl"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["exec", "-n", &ns, "sleeper", "--", "true"])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("forbidden") && stderr.contains("pods/exec"),
+            "exec without pods/exec: {stderr}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
 /// Who calls the kubelet endpoint directly.
 #[derive(Clone)]
 enum Caller {

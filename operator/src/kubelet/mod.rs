@@ -3,6 +3,7 @@
 //! a bearer token) and authorised for its node subresource, as a kubelet does it ([`auth`]).
 
 pub mod auth;
+mod interactive;
 mod logs;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -11,7 +12,7 @@ use axum::{
     Router,
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{any, get},
 };
 use axum_server::tls::TlsInfo;
 use k8s_openapi::api::core::v1::Pod;
@@ -78,6 +79,16 @@ pub async fn serve(
 fn router(app: App) -> Router {
     Router::new()
         .route("/containerLogs/{namespace}/{pod}/{container}", get(logs::logs))
+        // The kubelet's forms: with the container (exec, attach, run) or without (port-forward),
+        // each also with the pod's UID before it; GET (WebSocket) and POST (SPDY).
+        .route("/exec/{namespace}/{pod}/{container}", any(interactive::interactive))
+        .route("/exec/{namespace}/{pod}/{uid}/{container}", any(interactive::interactive))
+        .route("/attach/{namespace}/{pod}/{container}", any(interactive::interactive))
+        .route("/attach/{namespace}/{pod}/{uid}/{container}", any(interactive::interactive))
+        .route("/run/{namespace}/{pod}/{container}", any(interactive::interactive))
+        .route("/run/{namespace}/{pod}/{uid}/{container}", any(interactive::interactive))
+        .route("/portForward/{namespace}/{pod}", any(interactive::interactive))
+        .route("/portForward/{namespace}/{pod}/{uid}", any(interactive::interactive))
         .with_state(app)
 }
 
