@@ -105,18 +105,40 @@ impl RealNode {
     }
 }
 
+/// An image with no C library at all (Debian's busybox-static alone), built once by
+/// `e2e/bin/build-busybox-image`, named [`BUSYBOX_IMAGE`] once imported.
+pub fn busybox_image_archive() -> anyhow::Result<PathBuf> {
+    let out = crate::cluster::run_script("build-busybox-image", &[], &[])?;
+    Ok(PathBuf::from(out.lines().last().unwrap_or_default().trim()))
+}
+
+/// The name of [`busybox_image_archive`]'s image in the node's containerd.
+pub const BUSYBOX_IMAGE: &str = "offload-e2e/busybox-static:latest";
+
+/// The operator image's name in the node's containerd once imported (the chart's default).
+pub fn operator_image_ref() -> anyhow::Result<String> {
+    Ok(format!(
+        "ghcr.io/offload-operator/offload-operator:{}",
+        app_version()?
+    ))
+}
+
+fn app_version() -> anyhow::Result<String> {
+    let chart = std::fs::read_to_string(repo_root().join("helm/offload-operator/Chart.yaml"))?;
+    chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .context("no appVersion in Chart.yaml")
+}
+
 /// The operator image `make image` built for this checkout: `$OFFLOAD_E2E_IMAGE`, else
 /// `$OFFLOAD_CACHE/image/offload-operator-<chart appVersion>.oci.tar`.
 pub fn operator_image_archive() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("OFFLOAD_E2E_IMAGE") {
         return Ok(PathBuf::from(path));
     }
-    let chart = std::fs::read_to_string(repo_root().join("helm/offload-operator/Chart.yaml"))?;
-    let version = chart
-        .lines()
-        .find_map(|l| l.strip_prefix("appVersion:"))
-        .map(|v| v.trim().trim_matches('"').to_string())
-        .context("no appVersion in Chart.yaml")?;
+    let version = app_version()?;
     let cache = std::env::var("OFFLOAD_CACHE").unwrap_or_else(|_| "/var/cache/offload-operator".into());
     let path = PathBuf::from(cache).join(format!("image/offload-operator-{version}.oci.tar"));
     anyhow::ensure!(

@@ -37,11 +37,12 @@ use offload_e2e::{
     fixtures::{delete_sites, pod_builder, policy_builder, site_builder, wait_phase, wait_site_ready},
     helm,
     operator::http_get,
-    real_node::{RealNode, operator_image_archive},
+    real_node::{BUSYBOX_IMAGE, RealNode, busybox_image_archive, operator_image_archive, operator_image_ref},
     sitesim::{SimConfig, SimHandle, exactly_once},
     wait,
 };
 use offload_operator::crd::{OffloadPolicy, OffloadSite};
+use serde_json::json;
 
 const RELEASE: &str = "offload";
 /// The chart's objects are named after this (`fullnameOverride`).
@@ -74,6 +75,7 @@ async fn run(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
     let archive = operator_image_archive()?;
     node.import_image(&archive)?;
     eprintln!("imported {} into the node's containerd", archive.display());
+    stage_tool_needs_nothing_from_the_image(t, node).await?;
 
     // The kubelet API's TLS: a certificate for the pod addresses, from the CA whose client
     // certificate kube-apiserver presents (the cluster's).
@@ -573,4 +575,52 @@ fn operator_logs(t: &TestNamespace) -> String {
             "--all-containers"
         ])
     )
+}
+
+/// The stage tool the image ships is static: copied by `offload-stage in` (from the operator image)
+/// into a pod whose main image has no C library at all (busybox-static alone), it wraps the
+/// command there and returns its exit code, on a real kubelet and containerd (ADR 0016).
+async fn stage_tool_needs_nothing_from_the_image(t: &TestNamespace, node: &RealNode) -> anyhow::Result<()> {
+    let busybox = busybox_image_archive()?;
+    node.import_image(&busybox)?;
+    let mount = json!([{"name": "offload", "mountPath": "/var/run/offload"}]);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "no-libc"},
+        "spec": {"restartPolicy": "Never", "nodeName": node.name,
+            "tolerations": [{"key": node.taint_key, "operator": "Exists"}],
+            "volumes": [{"name": "offload", "emptyDir": {}}],
+            "initContainers": [{"name": "offload-stage-in", "image": operator_image_ref()?,
+                "imagePullPolicy": "Never", "volumeMounts": mount,
+                "command": ["/usr/bin/offload-stage", "in", "--root", "/var/run/offload"]}],
+            "containers": [{"name": "main", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
+                "volumeMounts": mount,
+                "command": ["/var/run/offload/bin/offload-stage", "run", "--root", "/var/run/offload", "--",
+                    "/bin/sh", "-c", "echo hello from an image without libc; ls /lib /lib64 /usr/lib; exit 3"]}]}}))?;
+    let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.name);
+    pods.create(&PostParams::default(), &pod).await?;
+    let done = wait_phase(&pods, "no-libc", "Failed", TIMEOUT).await?;
+    let code = done
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "main"))
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+        .map(|t| t.exit_code);
+    ensure!(code == Some(3), "the wrapped command's exit code: {code:?}");
+    let log = pods
+        .logs(
+            "no-libc",
+            &LogParams {
+                container: Some("main".into()),
+                ..LogParams::default()
+            },
+        )
+        .await?;
+    ensure!(
+        log.contains("hello from an image without libc") && log.contains("/lib: No such file or directory"),
+        "the pod's log: {log}"
+    );
+    eprintln!("the static stage tool ran a command in an image without a C library: exit code 3, {log:?}");
+    pods.delete("no-libc", &DeleteParams::default()).await?;
+    Ok(())
 }
