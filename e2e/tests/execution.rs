@@ -462,13 +462,25 @@ async fn kubectl_logs_reach_the_site() {
         let (code, _) = get(Caller::Token(service_account_token(&s.t).await?)).await?;
         ensure!(code == 403, "a service-account token without rights: {code}");
         grant_node_proxy(&s.t, &format!("offload-{name}"), &[&reader, &token_user]).await?;
-        let (code, body) = get(Caller::Certificate(reader_cert)).await?;
-        ensure!(
-            code == 200 && body == "one\ntwo\nthree\n",
-            "a certificate with rights: {code} {body}"
-        );
-        // Denials are cached for 30 s, as a kubelet caches them: the ServiceAccount gets in
-        // within that.
+        // RBAC reaches the API server's authorizer a moment after the write, and a denial is
+        // cached for 30 s (as a kubelet caches it): both within the wait.
+        wait::until(
+            "a certificate with rights served",
+            Duration::from_secs(45),
+            || {
+                let cert = reader_cert.clone();
+                async move {
+                    let (code, body) = get(Caller::Certificate(cert)).await.map_err(|e| e.to_string())?;
+                    if code == 200 && body == "one\ntwo\nthree\n" {
+                        Ok(Some(()))
+                    } else {
+                        Err(format!("{code} {body}"))
+                    }
+                }
+            },
+        )
+        .await?;
+        // A new token is a new caller (its credential id differs), so no cached denial applies.
         let token = service_account_token(&s.t).await?;
         wait::until("a token with rights served", Duration::from_secs(45), || {
             let token = token.clone();
@@ -557,16 +569,26 @@ async fn kubectl_exec_attach_and_port_forward_say_why_they_are_unavailable() {
                 .await?;
         }
         let kubeconfig = s.t.cluster.service_account_kubeconfig(&ns, "default")?;
-        let out = tokio::process::Command::new(s.t.cluster.bin.join("kubectl"))
-            .env("KUBECONFIG", &kubeconfig)
-            .args(["exec", "-n", &ns, "sleeper", "--", "true"])
-            .output()
-            .await?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            !out.status.success() && stderr.contains("forbidden") && stderr.contains("pods/exec"),
-            "exec without pods/exec: {stderr}"
-        );
+        // The RoleBinding takes effect a moment after it is written.
+        wait::until(
+            "exec refused for want of pods/exec",
+            Duration::from_secs(30),
+            || async {
+                let out = tokio::process::Command::new(s.t.cluster.bin.join("kubectl"))
+                    .env("KUBECONFIG", &kubeconfig)
+                    .args(["exec", "-n", &ns, "sleeper", "--", "true"])
+                    .output()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                if !out.status.success() && stderr.contains("forbidden") && stderr.contains("pods/exec") {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("exec without pods/exec: {stderr}"))
+                }
+            },
+        )
+        .await?;
         Ok(())
     })
     .await;

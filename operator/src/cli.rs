@@ -146,8 +146,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stage_read_timeout_seconds: u64,
     /// RemoteJob outputs larger than this many MiB are uploaded in parts of this size (S3
-    /// multipart; 5 MiB is the smallest part AWS S3 takes, 5 GiB the largest single PUT).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=5120))]
+    /// multipart: parts of 5 MiB to 5 GiB). The stage tool holds about three parts in memory.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(5..=5120))]
     pub stage_part_size_mib: u64,
     /// Seconds between two passes that ask each site what jobs it holds and delete there those
     /// whose pod no longer exists (a pass also runs when this replica starts leading).

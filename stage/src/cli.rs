@@ -53,16 +53,23 @@ struct TransferArgs {
     /// A transfer that receives nothing for this long fails (and is retried).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     read_timeout_seconds: u64,
-    /// Files up to this size are uploaded in one PUT, larger ones in parts of this size.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Files up to this size are uploaded in one PUT, larger ones in parts of this size (S3 takes
+    /// parts of 5 MiB to 5 GiB; memory: about three parts).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(5..=5120))]
     part_size_mib: u64,
+    /// An upload request (a PUT, a part) averaging fewer KiB per second than this counts as
+    /// stalled: it gets the read timeout plus its bytes at this rate.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    min_upload_rate_kib: u64,
 }
 
 impl TransferArgs {
     fn transfer(&self) -> Transfer {
         Transfer {
             read_timeout: Duration::from_secs(self.read_timeout_seconds),
+            // Both bounded by clap, so neither overflows.
             part_size: self.part_size_mib << 20,
+            min_upload_rate: self.min_upload_rate_kib.saturating_mul(1024),
             ..Transfer::default()
         }
     }
@@ -128,7 +135,9 @@ impl Io {
     }
 
     async fn put(&self, obj: &Object, src: &Path) -> Result<store::Uploaded, StoreError> {
-        obj.store(&self.http, &self.transfer)?.put_file(src).await
+        let size = tokio::fs::metadata(src).await?.len();
+        let (http, _) = store::upload_client(&self.transfer, size)?;
+        obj.store(&http, &self.transfer)?.put_file(src).await
     }
 }
 
@@ -146,23 +155,54 @@ fn parse_artifact(spec: &str, output: bool) -> Result<(String, Object), String> 
         Some(p) => format!("{}://{host}:{p}", parsed.scheme()),
         None => format!("{}://{host}", parsed.scheme()),
     };
-    let path = parsed.path().trim_start_matches('/');
+    // The path as written: a URL parser would resolve `.` and `..` segments into another key.
+    let path = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(_, path)| path)
+        .unwrap_or_default();
     let (bucket, key) = path
         .split_once('/')
         .filter(|(b, k)| !b.is_empty() && !k.is_empty())
         .ok_or_else(|| format!("{name}: {url:?} has no /<bucket>/<key>"))?;
     let key = percent_decode(key);
+    if key
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        || key.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "{name}: key {key:?} has an empty, '.' or '..' segment or a control character"
+        ));
+    }
     let base = credential_env_base(output, name);
-    let env = |suffix: &str| {
-        std::env::var(format!("{base}{suffix}"))
-            .ok()
-            .filter(|v| !v.is_empty())
+    // Values as a Secret made from files holds them, newline and all: trimmed, and refused when
+    // they still hold a control character (they go into HTTP headers).
+    let mut bad = None;
+    let mut env = |suffix: &str| {
+        let var = format!("{base}{suffix}");
+        let value = std::env::var(&var).ok()?;
+        let value = value.trim();
+        if value.chars().any(char::is_control) {
+            bad = Some(var);
+            return None;
+        }
+        (!value.is_empty()).then(|| value.to_string())
     };
-    let credentials = match (env(env_suffix::ACCESS_KEY_ID), env(env_suffix::SECRET_ACCESS_KEY)) {
+    let (access_key_id, secret_access_key, session_token, region) = (
+        env(env_suffix::ACCESS_KEY_ID),
+        env(env_suffix::SECRET_ACCESS_KEY),
+        env(env_suffix::SESSION_TOKEN),
+        env(env_suffix::REGION),
+    );
+    if let Some(var) = bad {
+        return Err(format!("{name}: {var} holds a control character"));
+    }
+    let credentials = match (access_key_id, secret_access_key) {
         (Some(access_key_id), Some(secret_access_key)) => Some(Credentials {
             access_key_id,
             secret_access_key,
-            session_token: env(env_suffix::SESSION_TOKEN),
+            session_token,
         }),
         _ => None,
     };
@@ -172,7 +212,7 @@ fn parse_artifact(spec: &str, output: bool) -> Result<(String, Object), String> 
             endpoint,
             bucket: bucket.to_string(),
             key,
-            region: env(env_suffix::REGION).unwrap_or_else(|| "us-east-1".into()),
+            region: region.unwrap_or_else(|| "us-east-1".into()),
             credentials,
         },
     ))
@@ -486,5 +526,9 @@ mod tests {
         assert_eq!(o.region, "us-east-1");
         assert!(parse_artifact("model=http://127.0.0.1:8333/gpu", false).is_err());
         assert!(parse_artifact("no-equals", false).is_err());
+        // Dot segments stay as written, and are refused rather than resolved into another key.
+        let e = parse_artifact("m=http://127.0.0.1:8333/gpu/run/../other", false).unwrap_err();
+        assert!(e.contains("'..' segment"), "{e}");
+        assert!(parse_artifact("m=http://127.0.0.1:8333/gpu/a//b", false).is_err());
     }
 }

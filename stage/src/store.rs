@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The user metadata key (`x-amz-meta-sha256`) that carries the SHA-256 the tool computed.
 pub const SHA256_METADATA: &str = "sha256";
-/// How many parts of one upload are in flight at once (memory: this many parts).
+/// How many parts of one upload are in flight at once (memory: about one part more than this).
 const PART_CONCURRENCY: usize = 2;
 /// S3 takes at most this many parts per upload; larger files get larger parts.
 const MAX_PARTS: u64 = 10_000;
@@ -77,8 +77,12 @@ pub struct Object {
 /// How transfers behave.
 #[derive(Clone, Debug)]
 pub struct Transfer {
-    /// A read that waits longer than this for the next bytes fails the request (retried).
+    /// A download that waits longer than this for the next bytes fails the request (retried);
+    /// an upload request gets this plus its bytes at [`Transfer::min_upload_rate`].
     pub read_timeout: Duration,
+    /// Bytes per second an upload request must average, or it counts as stalled: reqwest's read
+    /// timeout runs from the start of a request to its answer, so it cannot time an upload.
+    pub min_upload_rate: u64,
     /// Time to connect.
     pub connect_timeout: Duration,
     /// Files up to this size go in one PUT; larger ones in parts of this size.
@@ -94,6 +98,7 @@ impl Default for Transfer {
     fn default() -> Self {
         Transfer {
             read_timeout: Duration::from_secs(60),
+            min_upload_rate: 256 << 10,
             connect_timeout: Duration::from_secs(30),
             part_size: 64 << 20,
             request_retries: 3,
@@ -176,19 +181,41 @@ pub enum Trust {
     BuiltIn,
 }
 
-/// The HTTP client for object stores: no redirects, the transfer's timeouts.
+/// The HTTP client for object stores: no redirects, the transfer's timeouts (downloads, HEADs).
 pub fn http_client(transfer: &Transfer) -> Result<(reqwest::Client, Trust), StoreError> {
+    client(transfer, Some(transfer.read_timeout), transfer.request_timeout)
+}
+
+/// The HTTP client for uploading a file of `size` bytes: each request (the single PUT, or one
+/// part) must finish within the read timeout plus its bytes at the minimum upload rate.
+pub fn upload_client(transfer: &Transfer, size: u64) -> Result<(reqwest::Client, Trust), StoreError> {
+    client(transfer, None, Some(upload_request_timeout(transfer, size)))
+}
+
+/// The time one upload request of a file of `size` bytes may take (pure).
+fn upload_request_timeout(transfer: &Transfer, size: u64) -> Duration {
+    let per_request = size.min(part_size(size, transfer.part_size));
+    transfer.read_timeout + Duration::from_secs(per_request / transfer.min_upload_rate.max(1))
+}
+
+fn client(
+    transfer: &Transfer,
+    read_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+) -> Result<(reqwest::Client, Trust), StoreError> {
     let builder = || {
-        let b = reqwest::Client::builder()
+        let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(transfer.connect_timeout)
-            .read_timeout(transfer.read_timeout)
             // Sizes come from Content-Length; a compressed body would break them.
             .no_gzip();
-        match transfer.request_timeout {
-            Some(t) => b.timeout(t),
-            None => b,
+        if let Some(t) = read_timeout {
+            b = b.read_timeout(t);
         }
+        if let Some(t) = request_timeout {
+            b = b.timeout(t);
+        }
+        b
     };
     let system = match builder().build() {
         Ok(c) => return Ok((c, Trust::System)),
@@ -233,6 +260,8 @@ pub struct Store {
     inner: Arc<AmazonS3>,
     key: Key,
     transfer: Transfer,
+    /// The secret key and session token, kept out of error texts.
+    secrets: Vec<String>,
 }
 
 impl Object {
@@ -276,10 +305,16 @@ impl Object {
             None => builder.with_skip_signature(true),
         };
         let inner = builder.build().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let secrets = self
+            .credentials
+            .iter()
+            .flat_map(|c| std::iter::once(c.secret_access_key.clone()).chain(c.session_token.clone()))
+            .collect();
         Ok(Store {
             inner: Arc::new(inner),
             key,
             transfer: transfer.clone(),
+            secrets,
         })
     }
 }
@@ -288,14 +323,14 @@ impl Store {
     /// Downloads the object to `dest` (written beside it first, renamed when complete); returns
     /// its size and SHA-256.
     pub async fn get_to_file(&self, dest: &Path) -> Result<(u64, String), StoreError> {
-        let result = self.inner.get(&self.key).await?;
+        let result = self.inner.get(&self.key).await.map_err(|e| self.error(e))?;
         let partial = dest.with_extension("partial");
         let mut file = tokio::fs::File::create(&partial).await?;
         let mut hash = digest::Context::new(&digest::SHA256);
         let mut size = 0u64;
         let mut body = result.into_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
+            let chunk = chunk.map_err(|e| self.error(e))?;
             hash.update(&chunk);
             size += chunk.len() as u64;
             file.write_all(&chunk).await?;
@@ -311,46 +346,60 @@ impl Store {
     /// metadata ([`SHA256_METADATA`]); every request's payload hash is signed, so the store checks
     /// each part's bytes. Returns size, SHA-256 and the number of parts (1 for a single PUT).
     pub async fn put_file(&self, src: &Path) -> Result<Uploaded, StoreError> {
-        // Read once for the checksum: the metadata goes with the first request.
-        let (size, sha) = file_sha256(src).await?;
-        let mut attributes = Attributes::new();
-        attributes.insert(Attribute::Metadata(SHA256_METADATA.into()), sha.clone().into());
-        let part = part_size(size, self.transfer.part_size);
+        let size = tokio::fs::metadata(src).await?.len();
         if size <= self.transfer.part_size {
+            // Read once: the checksum is of the very bytes sent.
             let data = tokio::fs::read(src).await?;
-            if data.len() as u64 != size {
-                return Err(StoreError::Transfer(format!(
-                    "{} changed while being uploaded",
-                    src.display()
-                )));
-            }
+            let size = data.len() as u64;
+            let sha = sha256_hex(&data);
             let opts = PutOptions {
-                attributes,
+                attributes: sha256_attribute(&sha),
                 ..PutOptions::default()
             };
             self.inner
                 .put_opts(&self.key, PutPayload::from(data), opts)
-                .await?;
+                .await
+                .map_err(|e| self.error(e))?;
             return Ok(Uploaded {
                 size,
                 sha256: sha,
                 parts: 1,
             });
         }
+        // The metadata goes with the first request, so the file is hashed first, and hashed again
+        // while it is sent: a file that changed in between is not uploaded under a wrong checksum.
+        let (size, sha) = file_sha256(src).await?;
+        let part = part_size(size, self.transfer.part_size);
         let opts = PutMultipartOptions {
-            attributes,
+            attributes: sha256_attribute(&sha),
             ..PutMultipartOptions::default()
         };
-        let upload = self.inner.put_multipart_opts(&self.key, opts).await?;
+        let upload = self
+            .inner
+            .put_multipart_opts(&self.key, opts)
+            .await
+            .map_err(|e| self.error(e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, part as usize);
-        match write_parts(&mut writer, src, size, part).await {
+        let written = write_parts(&mut writer, src, size, part, &sha)
+            .await
+            .map_err(|e| match e {
+                StoreError::Transfer(t) => StoreError::Transfer(self.redact(&t)),
+                other => other,
+            });
+        match written {
+            // finish() aborts the upload itself when a part or the completion fails.
             Ok(()) => {
-                writer.finish().await?;
+                writer.finish().await.map_err(|e| self.error(e))?;
             }
             Err(e) => {
                 // Leaves no parts behind at the store (they are billed on AWS).
-                let _ = writer.abort().await;
-                return Err(e);
+                return Err(match writer.abort().await {
+                    Ok(()) => e,
+                    Err(abort) => StoreError::Transfer(format!(
+                        "{e}; aborting the upload failed too, parts may remain at the store: {}",
+                        self.redact(&with_sources(&abort))
+                    )),
+                });
             }
         }
         Ok(Uploaded {
@@ -360,13 +409,35 @@ impl Store {
         })
     }
 
+    /// An `object_store` error as ours, without the credentials' secret parts (an S3 error body
+    /// such as SignatureDoesNotMatch echoes the signed headers, the session token among them).
+    fn error(&self, e: object_store::Error) -> StoreError {
+        match StoreError::from(e) {
+            StoreError::Refused(t) => StoreError::Refused(self.redact(&t)),
+            StoreError::Transfer(t) => StoreError::Transfer(self.redact(&t)),
+            other => other,
+        }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for secret in self.secrets.iter().filter(|s| s.len() >= 4) {
+            text = text.replace(secret.as_str(), "<redacted>");
+        }
+        text
+    }
+
     /// Size and recorded checksum of the object.
     pub async fn head(&self) -> Result<ObjectInfo, StoreError> {
         let opts = GetOptions {
             head: true,
             ..GetOptions::default()
         };
-        let result = self.inner.get_opts(&self.key, opts).await?;
+        let result = self
+            .inner
+            .get_opts(&self.key, opts)
+            .await
+            .map_err(|e| self.error(e))?;
         let sha256 = result
             .attributes
             .get(&Attribute::Metadata(SHA256_METADATA.into()))
@@ -400,8 +471,10 @@ async fn write_parts(
     src: &Path,
     size: u64,
     part: u64,
+    sha: &str,
 ) -> Result<(), StoreError> {
     let mut file = tokio::fs::File::open(src).await?;
+    let mut hash = digest::Context::new(&digest::SHA256);
     let mut buf = vec![0u8; (part as usize).min(8 << 20)];
     let mut sent = 0u64;
     loop {
@@ -411,15 +484,28 @@ async fn write_parts(
             break;
         }
         sent += n as u64;
+        if sent > size {
+            break;
+        }
+        hash.update(&buf[..n]);
         writer.write(&buf[..n]);
     }
-    if sent != size {
+    if sent != size || hex(hash.finish().as_ref()) != sha {
         return Err(StoreError::Transfer(format!(
-            "{} changed while being uploaded ({size} bytes hashed, {sent} read)",
+            "{} changed while being uploaded (not uploaded: its checksum would be wrong)",
             src.display()
         )));
     }
     Ok(())
+}
+
+fn sha256_attribute(sha: &str) -> Attributes {
+    let mut attributes = Attributes::new();
+    attributes.insert(
+        Attribute::Metadata(SHA256_METADATA.into()),
+        sha.to_string().into(),
+    );
+    attributes
 }
 
 /// SHA-256 and size of a file, read once.
@@ -499,6 +585,45 @@ mod tests {
             !shown.contains("very-secret") && !shown.contains("tok-secret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn error_texts_lose_the_secret_parts() {
+        let o = Object {
+            endpoint: "http://127.0.0.1:1".into(),
+            bucket: "b".into(),
+            key: "k".into(),
+            region: "us-east-1".into(),
+            credentials: Some(Credentials {
+                session_token: Some("the-session-token".into()),
+                ..Credentials::new("AKID", "the-secret-key")
+            }),
+        };
+        let (http, _) = http_client(&Transfer::default()).unwrap();
+        let store = o.store(&http, &Transfer::default()).unwrap();
+        let body =
+            "<CanonicalRequest>x-amz-security-token:the-session-token</CanonicalRequest> the-secret-key";
+        let text = store.redact(body);
+        assert!(
+            !text.contains("the-session-token") && !text.contains("the-secret-key"),
+            "{text}"
+        );
+        assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn uploads_get_time_for_their_bytes() {
+        let t = Transfer {
+            read_timeout: Duration::from_secs(2),
+            min_upload_rate: 1 << 20,
+            part_size: 8 << 20,
+            ..Transfer::default()
+        };
+        // One 8 MiB part at 1 MiB/s, plus the read timeout; a small file, the read timeout alone.
+        assert_eq!(upload_request_timeout(&t, 100 << 20), Duration::from_secs(10));
+        assert_eq!(upload_request_timeout(&t, 7), Duration::from_secs(2));
+        assert_eq!(upload_request_timeout(&t, 4 << 20), Duration::from_secs(6));
+        assert!(upload_client(&t, 100 << 20).is_ok());
     }
 
     #[test]

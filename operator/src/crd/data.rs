@@ -23,8 +23,8 @@ pub struct Artifact {
     pub name: String,
 
     /// The object: `s3://<bucket>/<key>`.
-    #[x_kube(validation = Rule::new("self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^/].*$') && !self.endsWith('/')")
-        .message("url must be s3://<bucket>/<key> (a bucket name of 3-63 lower-case letters, digits, '.' or '-', and a key that does not end with '/')"))]
+    #[x_kube(validation = Rule::new("self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^/].*$') && !self.endsWith('/') && !self.matches('^s3://.*//') && !self.matches('/[.][.]?(/|$)') && !self.matches('[[:cntrl:]]')")
+        .message("url must be s3://<bucket>/<key>: a bucket of 3-63 lower-case letters, digits, '.' or '-'; a key with no empty, '.' or '..' segment, no control character, not ending in '/'"))]
     #[schemars(length(min = 8, max = 1024))]
     pub url: String,
 

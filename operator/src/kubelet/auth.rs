@@ -84,7 +84,8 @@ pub fn subresource(path: &str) -> &'static str {
 pub fn caller_of_certificate(der: &[u8]) -> Option<Caller> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
-    let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    // The last CN, as Go's crypto/x509 (and so the API server and kubelets) reads it.
+    let name = subject.iter_common_name().last()?.as_str().ok()?.to_string();
     if name.is_empty() {
         return None;
     }
@@ -168,7 +169,7 @@ pub enum Mode {
 pub struct Gate {
     client: kube::Client,
     mode: Mode,
-    tokens: Arc<Mutex<Cache<String, Option<Caller>>>>,
+    tokens: Arc<Mutex<Cache<[u8; 32], Option<Caller>>>>,
     decisions: Arc<Mutex<Cache<(Caller, Attributes), bool>>>,
 }
 
@@ -195,10 +196,12 @@ impl Gate {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_BYTES)
             .ok_or(Refused::Unauthenticated)?;
+        // Cached by digest: the tokens themselves are not kept in memory.
+        let key = digest(token);
         let now = Instant::now();
-        if let Some(known) = lock(&self.tokens).get(&token.to_string(), now) {
+        if let Some(known) = lock(&self.tokens).get(&key, now) {
             return known.ok_or(Refused::Unauthenticated);
         }
         let review = TokenReview {
@@ -209,10 +212,11 @@ impl Gate {
             ..TokenReview::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| Refused::Unavailable(format!("TokenReview: {e}")))?;
+        let answer = api.create(&PostParams::default(), &review).await.map_err(|e| {
+            // The caller is not authenticated yet: the details go to the log only.
+            tracing::warn!(error = %e, "kubelet endpoint: TokenReview failed");
+            Refused::Unavailable("TokenReview failed".into())
+        })?;
         let caller = answer
             .status
             .filter(|s| s.authenticated == Some(true))
@@ -225,7 +229,7 @@ impl Gate {
                     extra: u.extra.unwrap_or_default(),
                 })
             });
-        lock(&self.tokens).put(token.to_string(), caller.clone(), now + AUTHN_TTL);
+        lock(&self.tokens).put(key, caller.clone(), now + AUTHN_TTL);
         caller.ok_or(Refused::Unauthenticated)
     }
 
@@ -266,15 +270,25 @@ impl Gate {
             ..SubjectAccessReview::default()
         };
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        let answer = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| Refused::Unavailable(format!("SubjectAccessReview: {e}")))?;
+        let answer = api.create(&PostParams::default(), &review).await.map_err(|e| {
+            tracing::warn!(error = %e, "kubelet endpoint: SubjectAccessReview failed");
+            Refused::Unavailable("SubjectAccessReview failed".into())
+        })?;
         let allowed = answer.status.is_some_and(|s| s.allowed);
         let ttl = if allowed { ALLOWED_TTL } else { DENIED_TTL };
         lock(&self.decisions).put(key, allowed, now + ttl);
         if allowed { Ok(()) } else { Err(forbidden()) }
     }
+}
+
+/// Longer bearer tokens are refused unread (service-account JWTs are 1-2 KiB).
+const MAX_TOKEN_BYTES: usize = 16 << 10;
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 /// The cache behind a mutex; a poisoned one is still usable (it holds only cached answers).

@@ -63,6 +63,13 @@ pub(super) async fn interactive(
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default();
+    if crate::controller::node::site_of_node(&node).is_none() {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{name} is not on an offload node"),
+        )
+            .into_response();
+    }
     tracing::info!(
         path = head.uri.path(),
         pod = %format!("{namespace}/{name}"),

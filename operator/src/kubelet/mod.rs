@@ -119,11 +119,16 @@ async fn admit(app: &App, req: &Parts, namespace: &str, name: &str) -> Result<Po
         .authenticate(certificate.as_deref(), authorization)
         .await
         .map_err(|r| refusal(&r))?;
+    // Names as the API server allows them, before they go into a request of the operator's own.
+    if !dns_label(namespace) || !dns_subdomain(name) {
+        return Err((StatusCode::BAD_REQUEST, "invalid namespace or pod name").into_response());
+    }
     let pods: Api<Pod> = Api::namespaced(app.client.clone(), namespace);
-    let pod = pods
-        .get_opt(name)
-        .await
-        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("cannot read the pod: {e}")).into_response())?;
+    let pod = pods.get_opt(name).await.map_err(|e| {
+        // Not authorised yet: the details go to the log only.
+        tracing::warn!(error = %e, pod = %format!("{namespace}/{name}"), "kubelet endpoint: cannot read the pod");
+        (StatusCode::BAD_GATEWAY, "cannot read the pod").into_response()
+    })?;
     let attrs = Attributes {
         verb: auth::verb(&req.method),
         subresource: auth::subresource(req.uri.path()),
@@ -137,4 +142,32 @@ async fn admit(app: &App, req: &Parts, namespace: &str, name: &str) -> Result<Po
         .await
         .map_err(|r| refusal(&r))?;
     pod.ok_or_else(|| (StatusCode::NOT_FOUND, format!("pod {namespace}/{name} not found")).into_response())
+}
+
+/// A DNS-1123 label (namespace names).
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain (pod names): labels joined by dots, at most 253 characters.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_before_use() {
+        assert!(dns_label("team-a") && dns_subdomain("job-0.x"));
+        for bad in ["", "-a", "a-", "A", "a/b", "a?watch=true", "a%2Fb", "..", "a b"] {
+            assert!(!dns_subdomain(bad), "{bad:?}");
+        }
+    }
 }
