@@ -343,8 +343,9 @@ impl Store {
     }
 
     /// Uploads `src`, in one PUT up to the part size and in parts above it, with its SHA-256 as
-    /// metadata ([`SHA256_METADATA`]); every request's payload hash is signed, so the store checks
-    /// each part's bytes. Returns size, SHA-256 and the number of parts (1 for a single PUT).
+    /// metadata ([`SHA256_METADATA`]); with credentials every request's payload hash is signed,
+    /// so the store checks each part's bytes. Returns size, SHA-256 and the number of parts (1
+    /// for a single PUT).
     pub async fn put_file(&self, src: &Path) -> Result<Uploaded, StoreError> {
         let size = tokio::fs::metadata(src).await?.len();
         if size <= self.transfer.part_size {

@@ -10,7 +10,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{App, admit};
+use super::{App, admit, node_of};
 
 /// What the caller asked for, for the message.
 fn what(path: &str) -> &'static str {
@@ -58,11 +58,7 @@ pub(super) async fn interactive(
         Ok(p) => p,
         Err(refused) => return refused,
     };
-    let node = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default();
+    let node = node_of(&pod);
     if crate::controller::node::site_of_node(&node).is_none() {
         return (
             StatusCode::NOT_FOUND,

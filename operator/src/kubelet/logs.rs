@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use serde::Deserialize;
 
-use super::{App, admit};
+use super::{App, admit, node_of};
 use crate::{
     controller::site_client,
     interlink::wire::{LogOpts, LogStruct},
@@ -44,11 +44,7 @@ pub(super) async fn logs(
         Ok(p) => p,
         Err(refused) => return refused,
     };
-    let node = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default();
+    let node = node_of(&pod);
     let Some(site) = crate::controller::node::site_of_node(&node) else {
         return (
             StatusCode::NOT_FOUND,

@@ -132,16 +132,21 @@ async fn admit(app: &App, req: &Parts, namespace: &str, name: &str) -> Result<Po
     let attrs = Attributes {
         verb: auth::verb(&req.method),
         subresource: auth::subresource(req.uri.path()),
-        node: pod
-            .as_ref()
-            .and_then(|p| p.spec.as_ref()?.node_name.clone())
-            .unwrap_or_default(),
+        node: pod.as_ref().map(node_of).unwrap_or_default(),
     };
     app.gate
         .authorize(&caller, &attrs)
         .await
         .map_err(|r| refusal(&r))?;
     pod.ok_or_else(|| (StatusCode::NOT_FOUND, format!("pod {namespace}/{name} not found")).into_response())
+}
+
+/// The Node a pod is bound to (empty when it is not bound).
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
 }
 
 /// A DNS-1123 label (namespace names).
