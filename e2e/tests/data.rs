@@ -83,21 +83,27 @@ async fn a_two_stage_pipeline_moves_its_data_between_sites() {
         "data",
         &["--data-endpoints-allowed", "127.0.0.1"],
         |s| async move {
-            let root = s.t.cluster.dir.join(format!("s3-{}", s.t.name));
-            let buckets = ["shared", "gpu-site", "htc-site", "cloud-site"];
-            let store = {
-                let root = root.clone();
-                tokio::task::spawn_blocking(move || ObjectStore::up(&root, &buckets)).await??
-            };
+            let store = store_up(&s, &["shared", "gpu-site", "htc-site", "cloud-site"]).await?;
             let result = pipeline(&s, &store).await;
-            if result.is_err() {
-                eprintln!("{}", store.log_tail(40));
-            }
-            let down = tokio::task::spawn_blocking(move || store.down()).await?;
-            result.and(down)
+            store_down(store, result).await
         },
     )
     .await;
+}
+
+/// A store for this test (its own folder), with these buckets.
+async fn store_up(s: &Scenario, buckets: &'static [&'static str]) -> anyhow::Result<ObjectStore> {
+    let root = s.t.cluster.dir.join(format!("s3-{}", s.t.name));
+    tokio::task::spawn_blocking(move || ObjectStore::up(&root, buckets)).await?
+}
+
+/// Stops the store, with its log when the test failed; the test's result first.
+async fn store_down(store: ObjectStore, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if result.is_err() {
+        eprintln!("{}", store.log_tail(40));
+    }
+    let down = tokio::task::spawn_blocking(move || store.down()).await?;
+    result.and(down)
 }
 
 async fn pipeline(s: &Scenario, store: &ObjectStore) -> anyhow::Result<()> {
@@ -420,17 +426,9 @@ async fn large_outputs_go_in_parts_and_stalled_transfers_fail_and_retry() {
             "2",
         ],
         |s| async move {
-            let root = s.t.cluster.dir.join(format!("s3-{}", s.t.name));
-            let store = {
-                let root = root.clone();
-                tokio::task::spawn_blocking(move || ObjectStore::up(&root, &["shared"])).await??
-            };
+            let store = store_up(&s, &["shared"]).await?;
             let result = parts_and_stalls(&s, &store).await;
-            if result.is_err() {
-                eprintln!("{}", store.log_tail(40));
-            }
-            let down = tokio::task::spawn_blocking(move || store.down()).await?;
-            result.and(down)
+            store_down(store, result).await
         },
     )
     .await;
